@@ -1,0 +1,119 @@
+"""The ASGI application: lifespan, routes and the one place errors become problem+json."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import anyio
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from . import auth, files, uploads
+from .config import Settings
+from .db import create_engine
+from .errors import MediaError, error_response, problem
+from .logs import AccessLogMiddleware
+from .storage import Storage
+
+log = logging.getLogger("mediad")
+
+
+def create_app(settings: Settings, database_url: str | None = None) -> Starlette:
+    """The app for `settings`; `database_url` overrides settings (the embedded server's URL)."""
+    url = database_url or settings.database_url
+    if not url:
+        raise ValueError("no database URL: start the embedded PostgreSQL or set MEDIAD_DATABASE_URL")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        storage = Storage(settings.data_dir, durable=settings.fsync,
+                          min_free_bytes=settings.min_free_bytes)
+        await anyio.to_thread.run_sync(storage.prepare)
+        engine = create_engine(url, settings)
+        app.state.settings = settings
+        app.state.storage = storage
+        app.state.engine = engine
+        try:
+            yield
+        finally:
+            await engine.dispose()
+
+    routes = [
+        Route("/health", health),
+        Route("/ping/all", ping_all),
+        Route("/users", auth.create_user, methods=["POST"]),
+        Route("/auth/login", auth.login, methods=["POST"]),
+        Route("/files", uploads.post_files, methods=["POST"]),
+        Route("/files", uploads.put_files, methods=["PUT"]),
+        Route("/files", files.list_, methods=["GET"]),
+        Route("/files/{file_id}", files.show, methods=["GET"]),
+        Route("/files/{file_id}", files.delete, methods=["DELETE"]),
+        Route("/usage", files.usage, methods=["GET"]),
+    ]
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(AccessLogMiddleware)],
+        exception_handlers={
+            MediaError: _media_error,
+            HTTPException: _http_error,
+            sa_exc.OperationalError: _database_unavailable,
+            sa_exc.InterfaceError: _database_unavailable,
+            sa_exc.TimeoutError: _database_unavailable,
+            ConnectionError: _database_unavailable,
+            Exception: _internal_error,
+        },
+        lifespan=lifespan,
+    )
+
+
+async def _media_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, MediaError)
+    return error_response(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    detail = {404: f"no route for {request.url.path}",
+              405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, exc.detail)
+    return problem(exc.status_code, detail, headers=exc.headers)
+
+
+async def _database_unavailable(request: Request, exc: Exception) -> Response:
+    log.warning("database unavailable: %s", exc.__class__.__name__, extra={"error": str(exc)[:500]})
+    return problem(503, "the database is unavailable; retry shortly", "service-unavailable",
+                   {"Retry-After": "2"})
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    # ServerErrorMiddleware re-raises after this, so the server logs the traceback.
+    return problem(500, "an unexpected error occurred; it has been logged", "internal-error")
+
+
+async def health(request: Request) -> Response:
+    try:
+        with anyio.fail_after(3):
+            async with request.app.state.engine.connect() as conn:
+                await conn.execute(sa.text("SELECT 1"))
+    except Exception as exc:  # any failure to answer is "unhealthy", not a 500
+        log.warning("health check failed: %s", exc.__class__.__name__)
+        return problem(503, "the database does not answer", "service-unavailable", {"Retry-After": "2"})
+    return JSONResponse({"status": "ok"})
+
+
+async def ping_all(request: Request) -> Response:
+    """Round-trip times (ms) of the services behind mediad; null for one that is absent."""
+    started = time.perf_counter()
+    async with request.app.state.engine.connect() as conn:
+        await conn.execute(sa.text("SELECT 1"))
+    db_ms = (time.perf_counter() - started) * 1000
+    storage_ms = await anyio.to_thread.run_sync(request.app.state.storage.probe) * 1000
+    return JSONResponse({"db": round(db_ms, 3), "storage": round(storage_ms, 3), "cloud": None})

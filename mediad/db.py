@@ -1,0 +1,225 @@
+"""The schema (SQLAlchemy Core tables; Alembic migrations own the database) and the queries."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import UUID, insert
+from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from .config import Settings
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+TZ = sa.DateTime(timezone=True)
+
+users = sa.Table(
+    "users",
+    metadata,
+    sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("name", sa.Text, nullable=False),
+    # NFC + casefold of name: uniqueness is case-insensitive without a functional index.
+    sa.Column("name_key", sa.Text, nullable=False, unique=True),
+    # scrypt$n$r$p$salt$hash, or NULL for token-only users.
+    sa.Column("password_hash", sa.Text),
+    sa.Column("created_at", TZ, nullable=False, server_default=sa.func.now()),
+)
+
+tokens = sa.Table(
+    "tokens",
+    metadata,
+    # sha256 of the bearer token: tokens are 256-bit random, so a fast hash is enough and the
+    # lookup stays one index probe per request.
+    sa.Column("token_hash", sa.LargeBinary(32), primary_key=True),
+    sa.Column("user_id", UUID(as_uuid=True), sa.ForeignKey("users.id", ondelete="CASCADE"),
+              nullable=False, index=True),
+    sa.Column("created_at", TZ, nullable=False, server_default=sa.func.now()),
+)
+
+CLOUD_STATES = ("pending", "stored", "failed")
+
+files = sa.Table(
+    "files",
+    metadata,
+    sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("owner_id", UUID(as_uuid=True), sa.ForeignKey("users.id", ondelete="CASCADE"),
+              nullable=False),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("extension", sa.Text, nullable=False),
+    sa.Column("format", sa.Text, nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("sha256", sa.Text, nullable=False),
+    # Virtual path in the owner's tree; NULL when uploaded without one (NULLs never collide).
+    sa.Column("path", sa.Text),
+    # The stored content version: disk path and cloud key derive from it. A replace writes a
+    # new blob and swaps this column, so readers see old or new bytes whole, never a mix.
+    sa.Column("blob_id", UUID(as_uuid=True), nullable=False, unique=True),
+    sa.Column("created_at", TZ, nullable=False, server_default=sa.func.now()),
+    sa.Column("updated_at", TZ, nullable=False, server_default=sa.func.now()),
+    sa.Column("accessed_at", TZ, nullable=False, server_default=sa.func.now()),
+    # Whether this server's disk holds the blob (false once evicted after a verified cloud copy).
+    sa.Column("local", sa.Boolean, nullable=False, server_default=sa.true()),
+    sa.Column("cloud_state", sa.Text, nullable=False, server_default="pending"),
+    sa.Column("cloud_stored_at", TZ),
+    sa.Column("cloud_attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("cloud_next_attempt_at", TZ, nullable=False, server_default=sa.func.now()),
+    sa.Column("cloud_last_error", sa.Text),
+    # A worker's claim on the push of this row; another process may take it once it lapses.
+    sa.Column("cloud_lease_until", TZ),
+    sa.UniqueConstraint("owner_id", "path"),
+    sa.CheckConstraint(f"cloud_state IN {CLOUD_STATES!r}", name="cloud_state"),
+    sa.CheckConstraint("size >= 0", name="size"),
+    sa.Index("ix_files_owner_created", "owner_id", "created_at", "id"),
+)
+
+
+def async_url(url: str) -> str:
+    """postgresql://… as given by users → the asyncpg dialect SQLAlchemy needs."""
+    scheme, sep, rest = url.partition("://")
+    if scheme in ("postgres", "postgresql"):
+        return f"postgresql+asyncpg://{rest}"
+    return url
+
+
+def create_engine(url: str, settings: Settings) -> AsyncEngine:
+    return create_async_engine(
+        async_url(url),
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_pool_size,
+        pool_timeout=settings.db_pool_timeout_s,
+        # A restarted database leaves dead connections in the pool; a ping costs one loopback
+        # round trip and saves the next request from failing.
+        pool_pre_ping=True,
+        connect_args={"timeout": 5, "command_timeout": 30},
+    )
+
+
+# ---- users and tokens ---------------------------------------------------------------------------
+
+async def insert_user(conn: AsyncConnection, name: str, name_key: str,
+                      password_hash: str | None) -> uuid.UUID | None:
+    """Insert a user; None when the name is taken (case-insensitively)."""
+    user_id = uuid.uuid4()
+    result = await conn.execute(
+        insert(users)
+        .values(id=user_id, name=name, name_key=name_key, password_hash=password_hash)
+        .on_conflict_do_nothing(index_elements=["name_key"])
+        .returning(users.c.id)
+    )
+    return result.scalar_one_or_none()
+
+
+async def user_by_name_key(conn: AsyncConnection, name_key: str) -> Row[Any] | None:
+    result = await conn.execute(sa.select(users).where(users.c.name_key == name_key))
+    return result.first()
+
+
+async def insert_token(conn: AsyncConnection, user_id: uuid.UUID, token_hash: bytes) -> None:
+    await conn.execute(sa.insert(tokens).values(token_hash=token_hash, user_id=user_id))
+
+
+async def user_for_token(conn: AsyncConnection, token_hash: bytes) -> tuple[uuid.UUID, bytes] | None:
+    result = await conn.execute(
+        sa.select(tokens.c.user_id, tokens.c.token_hash).where(tokens.c.token_hash == token_hash)
+    )
+    row = result.first()
+    return (row.user_id, row.token_hash) if row else None
+
+
+# ---- files --------------------------------------------------------------------------------------
+
+async def get_file(conn: AsyncConnection, owner_id: uuid.UUID, file_id: uuid.UUID) -> Row[Any] | None:
+    result = await conn.execute(
+        sa.select(files).where(files.c.id == file_id, files.c.owner_id == owner_id)
+    )
+    return result.first()
+
+
+async def get_file_by_path(conn: AsyncConnection, owner_id: uuid.UUID, path: str) -> Row[Any] | None:
+    result = await conn.execute(
+        sa.select(files).where(files.c.owner_id == owner_id, files.c.path == path)
+    )
+    return result.first()
+
+
+async def put_file(conn: AsyncConnection, values: dict[str, Any]) -> tuple[Row[Any], uuid.UUID | None]:
+    """Insert a File, or replace the owner's file at the same path (same id, new content).
+
+    Returns the row and the blob it displaced (None when nothing was replaced). Runs inside the
+    caller's transaction; a concurrent insert at the same path is resolved by retrying, so the
+    loser of the race becomes a replace and no blob is left without a row.
+    """
+    path = values.get("path")
+    while True:
+        if path is not None:
+            current = (await conn.execute(
+                sa.select(files.c.id, files.c.blob_id)
+                .where(files.c.owner_id == values["owner_id"], files.c.path == path)
+                .with_for_update()
+            )).first()
+            if current is not None:
+                row = (await conn.execute(
+                    sa.update(files)
+                    .where(files.c.id == current.id)
+                    .values(
+                        {k: v for k, v in values.items() if k not in ("id", "owner_id", "path")},
+                        updated_at=sa.func.now(), accessed_at=sa.func.now(),
+                        cloud_state="pending", cloud_stored_at=None, cloud_attempts=0,
+                        cloud_next_attempt_at=sa.func.now(), cloud_last_error=None,
+                        cloud_lease_until=None,
+                    )
+                    .returning(files)
+                )).one()
+                return row, current.blob_id
+        inserted = (await conn.execute(
+            insert(files).values(values).on_conflict_do_nothing().returning(files)
+        )).first()
+        if inserted is not None:
+            return inserted, None
+        # Lost an insert race at this path: the winner's row is committed now; replace it.
+
+
+async def list_files(conn: AsyncConnection, owner_id: uuid.UUID, *, prefix: str | None,
+                     after: tuple[datetime, uuid.UUID] | None, limit: int) -> Sequence[Row[Any]]:
+    query = sa.select(files).where(files.c.owner_id == owner_id)
+    if prefix:
+        escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        query = query.where(files.c.path.like(escaped + "%", escape="\\"))
+    if after is not None:
+        query = query.where(sa.tuple_(files.c.created_at, files.c.id) < sa.tuple_(*after))
+    query = query.order_by(files.c.created_at.desc(), files.c.id.desc()).limit(limit)
+    return (await conn.execute(query)).all()
+
+
+async def delete_file(conn: AsyncConnection, owner_id: uuid.UUID, file_id: uuid.UUID) -> Row[Any] | None:
+    result = await conn.execute(
+        sa.delete(files)
+        .where(files.c.id == file_id, files.c.owner_id == owner_id)
+        .returning(files.c.blob_id, files.c.local, files.c.cloud_state)
+    )
+    return result.first()
+
+
+async def usage(conn: AsyncConnection, owner_id: uuid.UUID) -> tuple[int, int]:
+    row = (await conn.execute(
+        sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(files.c.size), 0))
+        .where(files.c.owner_id == owner_id)
+    )).one()
+    return int(row[0]), int(row[1])
+
+
+async def blob_ids(conn: AsyncConnection) -> set[uuid.UUID]:
+    return set((await conn.execute(sa.select(files.c.blob_id))).scalars())

@@ -1,0 +1,97 @@
+"""Typed errors raised by domain code; the app turns each into RFC 9457 problem+json."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from http import HTTPStatus
+from typing import ClassVar
+
+from starlette.responses import JSONResponse
+
+PROBLEM_TYPE_BASE = "https://mediad.dev/problems/"
+
+
+class MediaError(Exception):
+    status: ClassVar[int] = 500
+    slug: ClassVar[str] = "internal-error"
+
+    def __init__(self, detail: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.headers = dict(headers or {})
+
+
+class BadRequest(MediaError):
+    status, slug = 400, "malformed-request"
+
+
+class Unauthorized(MediaError):
+    status, slug = 401, "unauthorized"
+
+    def __init__(self, detail: str = "a valid bearer token is required") -> None:
+        super().__init__(detail, {"WWW-Authenticate": 'Bearer realm="mediad"'})
+
+
+class Forbidden(MediaError):
+    status, slug = 403, "forbidden"
+
+
+class NotFound(MediaError):
+    status, slug = 404, "not-found"
+
+
+class Conflict(MediaError):
+    status, slug = 409, "conflict"
+
+
+class PreconditionFailed(MediaError):
+    status, slug = 412, "precondition-failed"
+
+
+class PayloadTooLarge(MediaError):
+    status, slug = 413, "payload-too-large"
+
+
+class UnsupportedMediaType(MediaError):
+    status, slug = 415, "unsupported-media-type"
+
+
+class RangeNotSatisfiable(MediaError):
+    status, slug = 416, "range-not-satisfiable"
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"no requested range overlaps the {size} bytes of the file",
+                         {"Content-Range": f"bytes */{size}"})
+
+
+class Unprocessable(MediaError):
+    status, slug = 422, "invalid-field"
+
+
+class ServiceUnavailable(MediaError):
+    status, slug = 503, "service-unavailable"
+
+    def __init__(self, detail: str, retry_after: int = 1) -> None:
+        super().__init__(detail, {"Retry-After": str(retry_after)})
+
+
+class InsufficientStorage(MediaError):
+    status, slug = 507, "insufficient-storage"
+
+
+def problem(status: int, detail: str, slug: str | None = None,
+            headers: Mapping[str, str] | None = None) -> JSONResponse:
+    """An application/problem+json response (RFC 9457)."""
+    phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
+    body = {
+        "type": PROBLEM_TYPE_BASE + (slug or phrase.lower().replace(" ", "-")),
+        "title": phrase,
+        "status": status,
+        "detail": detail,
+    }
+    return JSONResponse(body, status_code=status, headers=dict(headers or {}),
+                        media_type="application/problem+json")
+
+
+def error_response(exc: MediaError) -> JSONResponse:
+    return problem(exc.status, exc.detail, exc.slug, exc.headers)

@@ -1,0 +1,118 @@
+"""The File API: the File object, listing, metadata, deletion and usage."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+from sqlalchemy.engine import Row
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from . import db
+from .auth import authenticate
+from .errors import NotFound, Unprocessable
+
+MAX_LIMIT = 1000
+
+
+def rfc3339(moment: datetime | None) -> str | None:
+    if moment is None:
+        return None
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def file_json(row: Row[Any]) -> dict[str, Any]:
+    return {
+        "id": str(row.id),
+        "name": row.name,
+        "extension": row.extension,
+        "format": row.format,
+        "size": row.size,
+        "sha256": row.sha256,
+        "path": row.path,
+        "created_at": rfc3339(row.created_at),
+        "updated_at": rfc3339(row.updated_at),
+        "cloud": {"state": row.cloud_state, "stored_at": rfc3339(row.cloud_stored_at)},
+        "local": row.local,
+    }
+
+
+def parse_file_id(text: str) -> uuid.UUID:
+    """A File id from a URL; anything that is not a UUID is simply not found."""
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise NotFound("no such file") from None
+
+
+def encode_cursor(row: Row[Any]) -> str:
+    raw = f"{row.created_at.isoformat()}|{row.id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        moment, _, file_id = raw.partition("|")
+        parsed = datetime.fromisoformat(moment)
+        if parsed.tzinfo is None:
+            raise ValueError("naive time")
+        return parsed, uuid.UUID(file_id)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise Unprocessable("cursor is not one this server returned") from None
+
+
+def parse_limit(text: str | None) -> int:
+    if text is None:
+        return 100
+    if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+        raise Unprocessable(f"limit must be an integer from 1 to {MAX_LIMIT}")
+    return int(text)
+
+
+async def list_(request: Request) -> JSONResponse:
+    owner_id = await authenticate(request)
+    params = request.query_params
+    limit = parse_limit(params.get("limit"))
+    prefix = params.get("prefix") or None
+    if prefix is not None and not prefix.startswith("/"):
+        raise Unprocessable("prefix must be an absolute path (start with /)")
+    after = decode_cursor(params["cursor"]) if params.get("cursor") else None
+    async with request.app.state.engine.connect() as conn:
+        rows = await db.list_files(conn, owner_id, prefix=prefix, after=after, limit=limit + 1)
+    page = rows[:limit]
+    next_cursor = encode_cursor(page[-1]) if len(rows) > limit else None
+    return JSONResponse({"files": [file_json(r) for r in page], "next_cursor": next_cursor})
+
+
+async def show(request: Request) -> JSONResponse:
+    owner_id = await authenticate(request)
+    file_id = parse_file_id(request.path_params["file_id"])
+    async with request.app.state.engine.connect() as conn:
+        row = await db.get_file(conn, owner_id, file_id)
+    if row is None:
+        raise NotFound("no such file")
+    return JSONResponse(file_json(row))
+
+
+async def delete(request: Request) -> Response:
+    owner_id = await authenticate(request)
+    file_id = parse_file_id(request.path_params["file_id"])
+    async with request.app.state.engine.begin() as conn:
+        gone = await db.delete_file(conn, owner_id, file_id)
+    if gone is None:
+        raise NotFound("no such file")
+    await anyio.to_thread.run_sync(request.app.state.storage.remove_blob, gone.blob_id)
+    return Response(status_code=204)
+
+
+async def usage(request: Request) -> JSONResponse:
+    owner_id = await authenticate(request)
+    async with request.app.state.engine.connect() as conn:
+        count, total = await db.usage(conn, owner_id)
+    return JSONResponse({"files": count, "bytes": total})

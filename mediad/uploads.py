@@ -1,0 +1,285 @@
+"""Receiving uploads: multipart and raw bodies streamed to disk, then committed as Files."""
+
+from __future__ import annotations
+
+import mimetypes
+import os
+import re
+import unicodedata
+import uuid
+from collections.abc import AsyncIterator
+from email.message import Message
+from typing import Any
+
+import anyio
+import filetype
+from sqlalchemy.engine import Row
+from starlette.datastructures import State
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse
+from streaming_form_data import StreamingFormDataParser
+from streaming_form_data.parser import ParseFailedException, parse_content_boundary
+from streaming_form_data.targets import BaseTarget, ValueTarget
+from streaming_form_data.validators import MaxSizeValidator, ValidationError
+
+from . import db
+from .auth import authenticate
+from .errors import BadRequest, InsufficientStorage, PayloadTooLarge, Unprocessable
+from .files import file_json
+from .storage import Blob, BlobWriter, is_disk_full
+
+MULTIPART_ENVELOPE = 64 * 1024  # allowance for boundaries and part headers over the file's bytes
+_MAX_NAME_CHARS = 1024
+_MAX_PATH_CHARS = 4096
+_SEPARATORS = re.compile(r"[/\\]")
+
+
+# ---- names and paths (pure) ---------------------------------------------------------------------
+
+def _has_control(text: str) -> bool:
+    return any(unicodedata.category(ch) == "Cc" for ch in text)
+
+
+def clean_name(raw: str) -> str:
+    """The client's file name as metadata: last path component, NFC; never a disk path."""
+    if _has_control(raw):
+        raise Unprocessable("the file name contains NUL or control characters")
+    name = unicodedata.normalize("NFC", _SEPARATORS.split(raw)[-1])
+    if name in ("", ".", ".."):
+        raise Unprocessable(f"{raw!r} is not a usable file name")
+    if len(name) > _MAX_NAME_CHARS:
+        raise Unprocessable(f"the file name is longer than {_MAX_NAME_CHARS} characters")
+    return name
+
+
+def clean_path(raw: str) -> str:
+    """An absolute virtual path, `//` collapsed; a trailing `/` marks a folder."""
+    if _has_control(raw):
+        raise Unprocessable("the path contains NUL or control characters")
+    if not raw.startswith("/"):
+        raise Unprocessable("the path must be absolute (start with /)")
+    if "\\" in raw:
+        raise Unprocessable("the path must not contain backslashes")
+    path = re.sub(r"/{2,}", "/", unicodedata.normalize("NFC", raw))
+    if any(segment in (".", "..") for segment in path.split("/")):
+        raise Unprocessable("the path must not contain . or .. segments")
+    if len(path) > _MAX_PATH_CHARS:
+        raise Unprocessable(f"the path is longer than {_MAX_PATH_CHARS} characters")
+    return path
+
+
+def place(path: str | None, name: str | None) -> tuple[str, str | None]:
+    """(name, path) of the File: a folder path keeps the file's own name inside it; a full path
+    names the file itself."""
+    if path is not None and not path.endswith("/"):
+        return clean_name(path.rsplit("/", 1)[-1]), path
+    if name is None:
+        raise Unprocessable("a file name is required: a filename in the upload, ?name= or a path")
+    name = clean_name(name)
+    return name, (path + name if path is not None else None)
+
+
+def extension_of(name: str) -> str:
+    return os.path.splitext(name)[1][1:].lower()
+
+
+def detect_format(head: bytes, name: str) -> str:
+    """MIME type from the leading bytes, then the name's extension; the client's type is ignored."""
+    kind = filetype.guess(head) if head else None
+    if kind is not None:
+        return str(kind.mime)
+    return mimetypes.guess_type(name, strict=False)[0] or "application/octet-stream"
+
+
+def filename_from_disposition(header: str | None) -> str | None:
+    """The filename (or RFC 6266 filename*) of a Content-Disposition header."""
+    if not header:
+        return None
+    message = Message()
+    message["content-disposition"] = header
+    filename = message.get_filename()
+    return str(filename) if filename is not None else None
+
+
+# ---- committing ---------------------------------------------------------------------------------
+
+async def commit_upload(state: State, owner_id: uuid.UUID, blob: Blob, *, name: str,
+                        path: str | None) -> tuple[Row[Any], bool]:
+    """Turn a finished temp file into a File: into place durably, then the row (insert or replace
+    at `path`). Returns the row and whether it replaced an existing file. The one path every kind
+    of upload takes; on any failure the blob is gone and no row was written."""
+    storage = state.storage
+    blob_id = uuid.uuid4()
+    values = {
+        "id": uuid.uuid4(), "owner_id": owner_id, "name": name, "extension": extension_of(name),
+        "format": detect_format(blob.head, name), "size": blob.size, "sha256": blob.sha256,
+        "path": path, "blob_id": blob_id,
+    }
+    try:
+        await anyio.to_thread.run_sync(storage.commit, blob, blob_id)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise InsufficientStorage("the server's disk is full") from exc
+        raise
+    try:
+        async with state.engine.begin() as conn:
+            row, displaced = await db.put_file(conn, values)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(storage.remove_blob, blob_id)
+        raise
+    if displaced is not None:
+        await anyio.to_thread.run_sync(storage.remove_blob, displaced)
+    return row, displaced is not None
+
+
+# ---- receiving ----------------------------------------------------------------------------------
+
+def _declared_length(request: Request) -> int | None:
+    value = request.headers.get("content-length")
+    if value is None:
+        return None
+    if not value.isdigit():
+        raise BadRequest("Content-Length is not a number")
+    return int(value)
+
+
+def _check_declared(request: Request, limit: int, what: str) -> int | None:
+    declared = _declared_length(request)
+    if declared is not None:
+        if declared > limit:
+            raise PayloadTooLarge(f"the {what} declares {declared} bytes, over the limit of {limit}")
+        request.app.state.storage.check_reserve(declared)
+    return declared
+
+
+async def _body(request: Request) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in request.stream():
+            yield chunk
+    except ClientDisconnect:
+        raise BadRequest("the client disconnected before the body was complete") from None
+
+
+class _FilePart(BaseTarget):
+    """Collects the `file` part's bytes for the async writer, counting parts (the parser feeds a
+    second part with the same name into the same target without complaint)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts = 0
+        self.finished = False
+        self.pending: list[bytes] = []
+
+    def on_start(self) -> None:
+        self.parts += 1
+
+    def on_data_received(self, chunk: bytes) -> None:
+        if self.parts == 1:
+            self.pending.append(chunk)
+
+    def on_finish(self) -> None:
+        self.finished = True
+
+
+async def _receive_multipart(request: Request, writer: BlobWriter) -> tuple[str | None, str | None]:
+    """Stream the `file` part into `writer`; → (filename, path field)."""
+    max_bytes = request.app.state.settings.max_upload_bytes
+    _check_declared(request, max_bytes + MULTIPART_ENVELOPE, "multipart body")
+    try:
+        parser = StreamingFormDataParser(headers=request.headers)
+        closing = b"\r\n--" + parse_content_boundary(request.headers) + b"--"
+    except ParseFailedException as exc:
+        raise BadRequest(f"malformed multipart/form-data: {exc}") from None
+    part = _FilePart()
+    path_field = ValueTarget(validator=MaxSizeValidator(_MAX_PATH_CHARS * 4))
+    parser.register("file", part)
+    parser.register("path", path_field)
+
+    # The parser does not notice a body cut off before its closing delimiter: watch for it.
+    seen_closing, tail, received = False, b"", 0
+    async for chunk in _body(request):
+        received += len(chunk)
+        if received > max_bytes + MULTIPART_ENVELOPE:
+            raise PayloadTooLarge(f"the multipart body is over the limit of {max_bytes} bytes plus envelope")
+        try:
+            parser.data_received(chunk)
+        except ValidationError:
+            raise Unprocessable("the path field is too long") from None
+        except ParseFailedException as exc:
+            raise BadRequest(f"malformed multipart/form-data: {exc}") from None
+        if part.parts > 1:
+            raise BadRequest("the body has more than one part named 'file'")
+        for data in part.pending:
+            await writer.write(data)
+        part.pending.clear()
+        if not seen_closing:
+            seen_closing = closing in tail + chunk[: len(closing)] or closing in chunk
+            tail = (tail + chunk)[-(len(closing) - 1):]
+
+    if part.parts == 0:
+        raise BadRequest("the multipart body has no part named 'file'")
+    if not seen_closing or not part.finished:
+        raise BadRequest("the multipart body ended before its closing boundary")
+    try:
+        path = path_field.value.decode("utf-8") if path_field.value else None
+    except UnicodeDecodeError:
+        raise Unprocessable("the path field is not valid UTF-8") from None
+    return part.multipart_filename, path
+
+
+async def _receive_raw(request: Request, writer: BlobWriter) -> None:
+    _check_declared(request, request.app.state.settings.max_upload_bytes, "body")
+    async for chunk in _body(request):
+        await writer.write(chunk)
+
+
+async def _store(request: Request, owner_id: uuid.UUID, *, multipart: bool, name: str | None,
+                 path: str | None) -> tuple[Row[Any], bool]:
+    state = request.app.state
+    writer = state.storage.open_writer(state.settings.max_upload_bytes)
+    try:
+        if multipart:
+            filename, path_value = await _receive_multipart(request, writer)
+            path = clean_path(path_value) if path_value else None
+            name, path = place(path, filename or name)
+        else:
+            await _receive_raw(request, writer)
+            name, path = place(path, name)
+        blob = await writer.finish()
+        return await commit_upload(state, owner_id, blob, name=name, path=path)
+    except BaseException:
+        await writer.abort()
+        raise
+
+
+def _created(row: Row[Any], replaced: bool) -> JSONResponse:
+    status = 200 if replaced else 201
+    return JSONResponse(file_json(row), status_code=status, headers={"Location": f"/files/{row.id}"})
+
+
+async def post_files(request: Request) -> JSONResponse:
+    owner_id = await authenticate(request)
+    content_type = request.headers.get("content-type", "")
+    multipart = content_type.split(";", 1)[0].strip().lower() == "multipart/form-data"
+    name = request.query_params.get("name") or filename_from_disposition(
+        request.headers.get("content-disposition"))
+    raw_path = request.query_params.get("path")
+    path = clean_path(raw_path) if raw_path is not None else None
+    if not multipart:
+        place(path, name)  # refuse a nameless or badly named upload before reading its body
+    row, replaced = await _store(request, owner_id, multipart=multipart, name=name, path=path)
+    return _created(row, replaced)
+
+
+async def put_files(request: Request) -> JSONResponse:
+    owner_id = await authenticate(request)
+    raw_path = request.query_params.get("path")
+    if raw_path is None:
+        raise Unprocessable("PUT /files needs ?path=/dir/name.ext")
+    path = clean_path(raw_path)
+    name = request.query_params.get("name") or filename_from_disposition(
+        request.headers.get("content-disposition"))
+    place(path, name)
+    row, replaced = await _store(request, owner_id, multipart=False, name=name, path=path)
+    return _created(row, replaced)
