@@ -1,0 +1,190 @@
+"""Shared fixtures: a real PostgreSQL, the app under a real uvicorn on loopback, users.
+
+The database is the one at MEDIAD_TEST_DATABASE_URL when set (a fresh database is created in it
+for the session and dropped afterwards), else the embedded PostgreSQL in a temp dir.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import httpx
+import pytest
+import uvicorn
+
+from mediad import migrate
+from mediad.app import create_app
+from mediad.config import Settings
+from mediad.embedded import embedded_postgres
+
+TEST_MAX_UPLOAD = 64 * 1024 * 1024
+
+
+def _with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+def _run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def _admin(url: str, sql: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@contextlib.contextmanager
+def fresh_database(base_url: str) -> Iterator[str]:
+    """A new, empty database on the server of `base_url`, dropped afterwards."""
+    name = f"mediad_test_{uuid.uuid4().hex[:12]}"
+    _run(_admin(base_url, f'CREATE DATABASE "{name}"'))
+    try:
+        yield _with_database(base_url, name)
+    finally:
+        _run(_admin(base_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def pg_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of a PostgreSQL server tests may create databases on."""
+    external = os.environ.get("MEDIAD_TEST_DATABASE_URL")
+    if external:
+        yield external
+        return
+    with embedded_postgres(tmp_path_factory.mktemp("pg") / "data") as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def database_url(pg_server_url: str) -> Iterator[str]:
+    """The session's own database, migrated to head through Alembic."""
+    with fresh_database(pg_server_url) as url:
+        migrate.upgrade(url)
+        yield url
+
+
+@dataclass
+class Server:
+    url: str
+    settings: Settings
+    database_url: str
+    _server: uvicorn.Server
+    _thread: threading.Thread
+
+    @property
+    def data_dir(self) -> Path:
+        return self.settings.data_dir
+
+    def stray_temp_files(self) -> list[Path]:
+        return sorted((self.data_dir / "tmp").glob("*"))
+
+    def blob_files(self) -> list[Path]:
+        return sorted(p for p in (self.data_dir / "files").rglob("*") if p.is_file())
+
+
+@contextlib.contextmanager
+def serve_in_thread(settings: Settings, database_url: str) -> Iterator[Server]:
+    """Run mediad under uvicorn on an ephemeral loopback port, in a thread with its own loop."""
+    app = create_app(settings, database_url)
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="on",
+                            timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # not main thread
+    thread = threading.Thread(target=server.run, name="mediad-test-server", daemon=True)
+    thread.start()
+    for _ in range(500):
+        if server.started or not thread.is_alive():
+            break
+        threading.Event().wait(0.01)
+    if not server.started:
+        raise RuntimeError("test server did not start")
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield Server(f"http://127.0.0.1:{port}", settings, database_url, server, thread)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def make_settings(data_dir: Path, **overrides: Any) -> Settings:
+    base = Settings(data_dir=data_dir, max_upload_bytes=TEST_MAX_UPLOAD, host="127.0.0.1")
+    return replace(base, **overrides)
+
+
+@pytest.fixture(scope="session")
+def server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with serve_in_thread(make_settings(tmp_path_factory.mktemp("data")), database_url) as running:
+        yield running
+
+
+@pytest.fixture(autouse=True)
+async def _clean_state(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """Every test starts with no users, files or blobs (only when it uses the shared server)."""
+    yield
+    if "server" not in request.fixturenames:
+        return
+    running: Server = request.getfixturevalue("server")
+    await _admin(running.database_url, "TRUNCATE users, tokens, files CASCADE")
+    for path in running.blob_files() + running.stray_temp_files():
+        path.unlink(missing_ok=True)
+
+
+@pytest.fixture
+async def client(server: Server) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
+        yield http
+
+
+@dataclass
+class User:
+    id: str
+    name: str
+    token: str
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+async def make_user(http: httpx.AsyncClient, name: str | None = None, password: str | None = None) -> User:
+    body: dict[str, str] = {"name": name or f"user-{uuid.uuid4().hex[:10]}"}
+    if password is not None:
+        body["password"] = password
+    response = await http.post("/users", json=body)
+    assert response.status_code == 201, response.text
+    data = response.json()
+    return User(data["id"], data["name"], data["token"])
+
+
+@pytest.fixture
+async def user(client: httpx.AsyncClient) -> User:
+    return await make_user(client)
+
+
+@pytest.fixture
+async def other_user(client: httpx.AsyncClient) -> User:
+    return await make_user(client)
+
+
+def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:
+    """The response is an RFC 9457 problem with this status; returns its body."""
+    assert response.status_code == status, (response.status_code, response.text)
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body = response.json()
+    assert body["status"] == status
+    assert body["type"] and body["title"] and body["detail"]
+    return body

@@ -1,0 +1,43 @@
+"""Settings from the environment and .env; invalid values name their variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mediad.config import ConfigError, load_settings
+
+
+def test_defaults_without_environment() -> None:
+    settings = load_settings({}, env_file=None)
+    assert settings.database_url is None
+    assert (settings.host, settings.port) == ("127.0.0.1", 8000)
+    assert settings.max_upload_bytes == 10 * 1024**3
+    assert settings.fsync is True
+    assert settings.base_url == "http://127.0.0.1:8000"
+
+
+def test_environment_wins_over_env_file(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("MEDIAD_PORT=9000\nMEDIAD_MAX_UPLOAD_BYTES=64MiB\nMEDIAD_FSYNC=off\n")
+    settings = load_settings({"MEDIAD_PORT": "9001"}, env_file=env_file)
+    assert settings.port == 9001
+    assert settings.max_upload_bytes == 64 * 1024**2
+    assert settings.fsync is False
+
+
+@pytest.mark.parametrize(("variable", "value"), [
+    ("MEDIAD_PORT", "eighty"), ("MEDIAD_PORT", "70000"), ("MEDIAD_MAX_UPLOAD_BYTES", "lots"),
+    ("MEDIAD_DISK_HIGH_WATER", "1.5"), ("MEDIAD_FSYNC", "maybe"), ("MEDIAD_DATABASE_URL", "mysql://x"),
+    ("MEDIAD_CLOUD_CONCURRENCY", "0"), ("MEDIAD_CLEANUP_INTERVAL_S", "-1"),
+])
+def test_invalid_values_name_the_variable(variable: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=variable):
+        load_settings({variable: value}, env_file=None)
+
+
+def test_settings_are_frozen() -> None:
+    settings = load_settings({}, env_file=None)
+    with pytest.raises(AttributeError):
+        settings.port = 1  # type: ignore[misc]
