@@ -6,6 +6,7 @@ Disk paths derive from our own ids only (`files/ab/cd/<blob id>`), never from cl
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import hashlib
 import os
@@ -13,6 +14,7 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,6 +118,27 @@ class Storage:
             return
         if self.durable:
             _fsync_dir(directory.parent)
+
+
+def _libc_sync_file_range() -> Callable[[int, int, int], None] | None:
+    """sync_file_range(2) with SYNC_FILE_RANGE_WRITE: start write-back without waiting for it.
+    Python's os module does not expose it, so call libc directly (Linux only)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+
+    def start_writeback(fd: int, offset: int, length: int) -> None:
+        if function(fd, offset, length, 2) != 0:  # 2 = SYNC_FILE_RANGE_WRITE
+            raise OSError(ctypes.get_errno(), "sync_file_range failed")
+
+    return start_writeback
+
+
+_start_writeback = _libc_sync_file_range() or (lambda fd, offset, length: os.fdatasync(fd))
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -230,7 +253,7 @@ class BlobWriter:
                     _write_all(fd, batch)
                     written += sum(map(len, batch))
                     if durable and written - flushed >= _WRITEBACK_EVERY:
-                        os.sync_file_range(fd, flushed, written - flushed, os.SYNC_FILE_RANGE_WRITE)
+                        _start_writeback(fd, flushed, written - flushed)
                         flushed = written
             except OSError as exc:
                 self._error = exc
