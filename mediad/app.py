@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import auth, files, uploads
+from . import auth, downloads, files, uploads
 from .config import Settings
 from .db import create_engine
 from .errors import MediaError, error_response, problem
@@ -57,6 +57,8 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
         Route("/files", files.list_, methods=["GET"]),
         Route("/files/{file_id}", files.show, methods=["GET"]),
         Route("/files/{file_id}", files.delete, methods=["DELETE"]),
+        Route("/files/{file_id}/content", downloads.content, methods=["GET", "HEAD"]),
+        Route("/download", downloads.download, methods=["GET", "HEAD"]),
         Route("/usage", files.usage, methods=["GET"]),
     ]
     return Starlette(
@@ -73,6 +75,17 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
         },
         lifespan=lifespan,
     )
+
+
+def app_from_environment() -> Starlette:
+    """Factory for servers that import the app in a worker process (Granian): the parent passes
+    the database URL, embedded or not, through MEDIAD_DATABASE_URL."""
+    from .config import load_settings
+    from .logs import setup_logging
+
+    settings = load_settings()
+    setup_logging(settings.log_level, settings.log_file)
+    return create_app(settings)
 
 
 async def _media_error(request: Request, exc: Exception) -> Response:

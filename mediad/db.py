@@ -148,6 +148,20 @@ async def get_file(conn: AsyncConnection, owner_id: uuid.UUID, file_id: uuid.UUI
     return result.first()
 
 
+async def file_for_token(conn: AsyncConnection, token_hash: bytes, *, file_id: uuid.UUID | None = None,
+                         path: str | None = None) -> Row[Any] | None:
+    """Authentication and lookup in one round trip (downloads are hot: media players send many
+    range requests). None: unknown token; a row whose `id` is None: no such file for that user."""
+    match = files.c.owner_id == tokens.c.user_id
+    match &= files.c.id == file_id if file_id is not None else files.c.path == path
+    result = await conn.execute(
+        sa.select(tokens.c.user_id.label("token_user_id"), *files.c)
+        .select_from(tokens.outerjoin(files, match))
+        .where(tokens.c.token_hash == token_hash)
+    )
+    return result.first()
+
+
 async def get_file_by_path(conn: AsyncConnection, owner_id: uuid.UUID, path: str) -> Row[Any] | None:
     result = await conn.execute(
         sa.select(files).where(files.c.owner_id == owner_id, files.c.path == path)
