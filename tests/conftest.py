@@ -9,7 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
@@ -79,15 +84,12 @@ def database_url(pg_server_url: str) -> Iterator[str]:
 
 @dataclass
 class Server:
-    url: str
-    settings: Settings
-    database_url: str
-    _server: uvicorn.Server
-    _thread: threading.Thread
+    """A running mediad: in a thread of the test process, or a `mediad serve` subprocess."""
 
-    @property
-    def data_dir(self) -> Path:
-        return self.settings.data_dir
+    url: str
+    data_dir: Path
+    database_url: str
+    process: subprocess.Popen[bytes] | None = None
 
     def stray_temp_files(self) -> list[Path]:
         return sorted((self.data_dir / "tmp").glob("*"))
@@ -114,10 +116,58 @@ def serve_in_thread(settings: Settings, database_url: str) -> Iterator[Server]:
         raise RuntimeError("test server did not start")
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
-        yield Server(f"http://127.0.0.1:{port}", settings, database_url, server, thread)
+        yield Server(f"http://127.0.0.1:{port}", settings.data_dir, database_url)
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def mediad_process(data_dir: Path, *, database_url: str | None, server: str = "uvicorn",
+                   env: dict[str, str] | None = None, log_path: Path | None = None) -> Iterator[Server]:
+    """`mediad serve` as a real subprocess on a free loopback port; SIGTERM (then SIGKILL) at exit.
+    With database_url None it starts its embedded PostgreSQL under data_dir, as a user's would."""
+    port = free_port()
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("MEDIAD_")}
+    full_env.update({"MEDIAD_DATA_DIR": str(data_dir), "MEDIAD_PORT": str(port),
+                     "MEDIAD_HOST": "127.0.0.1", "MEDIAD_MAX_UPLOAD_BYTES": str(TEST_MAX_UPLOAD)})
+    if database_url:
+        full_env["MEDIAD_DATABASE_URL"] = database_url
+    full_env.update(env or {})
+    log_path = log_path or data_dir.parent / f"mediad-{port}.log"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "mediad.cli", "serve", "--server", server],
+                                env=full_env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mediad exited with {proc.returncode}: {log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mediad did not become healthy: {log_path.read_text()[-3000:]}")
+            time.sleep(0.1)
+        yield Server(url, data_dir, database_url or "", proc)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def make_settings(data_dir: Path, **overrides: Any) -> Settings:
@@ -131,11 +181,32 @@ def server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         yield running
 
 
+@pytest.fixture(scope="session")
+def granian_server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """`mediad serve --server granian` on the session's database, for tests run on both servers."""
+    pytest.importorskip("granian")
+    with mediad_process(tmp_path_factory.mktemp("granian") / "data", database_url=database_url,
+                        server="granian") as running:
+        yield running
+
+
+@pytest.fixture(params=["uvicorn", "granian"])
+def any_server(request: pytest.FixtureRequest) -> Server:
+    """The shared uvicorn server or the Granian subprocess: tests using this run on both."""
+    return request.getfixturevalue("server" if request.param == "uvicorn" else "granian_server")
+
+
+@pytest.fixture
+async def any_client(any_server: Server) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=any_server.url, timeout=60) as http:
+        yield http
+
+
 @pytest.fixture(autouse=True)
 async def _clean_state(request: pytest.FixtureRequest) -> AsyncIterator[None]:
     """Every test starts with no users, files or blobs (only when it uses the shared server)."""
     yield
-    if "server" not in request.fixturenames:
+    if "server" not in request.fixturenames and "any_server" not in request.fixturenames:
         return
     running: Server = request.getfixturevalue("server")
     await _admin(running.database_url, "TRUNCATE users, tokens, files CASCADE")
