@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
 
 import anyio
+import httpx
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 from starlette.applications import Starlette
@@ -18,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from . import auth, downloads, files, uploads
+from .cloud import CloudError, ObjectStore, Replicator
 from .config import Settings
 from .db import create_engine
 from .errors import MediaError, error_response, problem
@@ -42,10 +45,17 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
         app.state.settings = settings
         app.state.storage = storage
         app.state.engine = engine
-        try:
+        app.state.store = app.state.replicator = None
+        async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_callback(engine.dispose)
+            if settings.cloud_url:
+                http = await stack.enter_async_context(httpx.AsyncClient(
+                    timeout=httpx.Timeout(60, connect=5), limits=httpx.Limits(max_connections=64)))
+                app.state.store = ObjectStore(http, settings.cloud_url, settings.cloud_token)
+                app.state.replicator = Replicator(engine, storage, app.state.store, settings)
+                replication = asyncio.create_task(app.state.replicator.run(), name="replication")
+                stack.push_async_callback(_stop, replication)
             yield
-        finally:
-            await engine.dispose()
 
     routes = [
         Route("/health", health),
@@ -75,6 +85,12 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
         },
         lifespan=lifespan,
     )
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def app_from_environment() -> Starlette:
@@ -129,4 +145,11 @@ async def ping_all(request: Request) -> Response:
         await conn.execute(sa.text("SELECT 1"))
     db_ms = (time.perf_counter() - started) * 1000
     storage_ms = await anyio.to_thread.run_sync(request.app.state.storage.probe) * 1000
-    return JSONResponse({"db": round(db_ms, 3), "storage": round(storage_ms, 3), "cloud": None})
+    cloud_ms = None
+    if request.app.state.store is not None:
+        try:
+            cloud_ms = round(await request.app.state.store.ping() * 1000, 3)
+        except CloudError:
+            cloud_ms = None  # configured but unreachable: null, and the log says why
+            log.warning("cloud ping failed")
+    return JSONResponse({"db": round(db_ms, 3), "storage": round(storage_ms, 3), "cloud": cloud_ms})

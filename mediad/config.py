@@ -38,6 +38,10 @@ class Settings:
     s3_region: str = "us-east-1"
     cloud_concurrency: int = 4
     cloud_max_attempts: int = 10
+    cloud_poll_s: float = 5.0  # how often due rows are re-enqueued (restarts, other processes)
+    cloud_lease_s: float = 60.0  # a push's claim; renewed while it runs, taken over once lapsed
+    cloud_retry_base_s: float = 1.0
+    cloud_retry_cap_s: float = 300.0
     cleanup_interval_s: float = 300.0
     local_ttl_s: float = 7 * 86400.0
     disk_high_water: float = 0.90

@@ -83,6 +83,18 @@ files = sa.Table(
     sa.CheckConstraint(f"cloud_state IN {CLOUD_STATES!r}", name="cloud_state"),
     sa.CheckConstraint("size >= 0", name="size"),
     sa.Index("ix_files_owner_created", "owner_id", "created_at", "id"),
+    sa.Index("ix_files_cloud_due", "cloud_state", "cloud_next_attempt_at"),
+)
+
+cloud_deletions = sa.Table(
+    "cloud_deletions",
+    metadata,
+    # Object keys to delete from the cloud (deleted files, replaced content), retried like pushes.
+    sa.Column("key", sa.Text, primary_key=True),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_attempt_at", TZ, nullable=False, server_default=sa.func.now()),
+    sa.Column("last_error", sa.Text),
+    sa.Column("lease_until", TZ),
 )
 
 
@@ -188,13 +200,13 @@ async def put_file(conn: AsyncConnection, values: dict[str, Any]) -> tuple[Row[A
                 row = (await conn.execute(
                     sa.update(files)
                     .where(files.c.id == current.id)
-                    .values(
-                        {k: v for k, v in values.items() if k not in ("id", "owner_id", "path")},
-                        updated_at=sa.func.now(), accessed_at=sa.func.now(),
-                        cloud_state="pending", cloud_stored_at=None, cloud_attempts=0,
-                        cloud_next_attempt_at=sa.func.now(), cloud_last_error=None,
-                        cloud_lease_until=None,
-                    )
+                    .values({
+                        **{k: v for k, v in values.items() if k not in ("id", "owner_id", "path")},
+                        "updated_at": sa.func.now(), "accessed_at": sa.func.now(), "local": True,
+                        "cloud_state": "pending", "cloud_stored_at": None, "cloud_attempts": 0,
+                        "cloud_next_attempt_at": sa.func.now(), "cloud_last_error": None,
+                        "cloud_lease_until": None,
+                    })
                     .returning(files)
                 )).one()
                 return row, current.blob_id
@@ -237,3 +249,115 @@ async def usage(conn: AsyncConnection, owner_id: uuid.UUID) -> tuple[int, int]:
 
 async def blob_ids(conn: AsyncConnection) -> set[uuid.UUID]:
     return set((await conn.execute(sa.select(files.c.blob_id))).scalars())
+
+
+# ---- cloud replication --------------------------------------------------------------------------
+# A push is claimed by setting a lease with one conditional UPDATE: PostgreSQL re-checks the WHERE
+# clause of a concurrent UPDATE after the first commits, so two processes never both win a row.
+
+def _lease(seconds: float) -> sa.ColumnElement[Any]:
+    return sa.func.now() + sa.func.make_interval(0, 0, 0, 0, 0, 0, seconds)
+
+
+def _claimable(table: sa.Table, lease_column: str) -> sa.ColumnElement[bool]:
+    lease = table.c[lease_column]
+    return sa.or_(lease.is_(None), lease < sa.func.now())
+
+
+async def due_pushes(conn: AsyncConnection, limit: int) -> list[uuid.UUID]:
+    result = await conn.execute(
+        sa.select(files.c.id)
+        .where(files.c.cloud_state == "pending", files.c.cloud_next_attempt_at <= sa.func.now(),
+               _claimable(files, "cloud_lease_until"))
+        .order_by(files.c.cloud_next_attempt_at)
+        .limit(limit)
+    )
+    return list(result.scalars())
+
+
+async def claim_push(conn: AsyncConnection, file_id: uuid.UUID, lease_s: float) -> Row[Any] | None:
+    result = await conn.execute(
+        sa.update(files)
+        .where(files.c.id == file_id, files.c.cloud_state == "pending",
+               files.c.cloud_next_attempt_at <= sa.func.now(), _claimable(files, "cloud_lease_until"))
+        .values(cloud_lease_until=_lease(lease_s))
+        .returning(files.c.blob_id, files.c.sha256, files.c.size, files.c.cloud_attempts)
+    )
+    return result.first()
+
+
+def _same_push(file_id: uuid.UUID, blob_id: uuid.UUID) -> sa.ColumnElement[bool]:
+    # A replace swaps blob_id and resets the state: an older push must not touch the new content.
+    return sa.and_(files.c.id == file_id, files.c.blob_id == blob_id)
+
+
+async def renew_push(conn: AsyncConnection, file_id: uuid.UUID, blob_id: uuid.UUID, lease_s: float) -> None:
+    await conn.execute(sa.update(files).where(_same_push(file_id, blob_id), files.c.cloud_state == "pending")
+                       .values(cloud_lease_until=_lease(lease_s)))
+
+
+async def finish_push(conn: AsyncConnection, file_id: uuid.UUID, blob_id: uuid.UUID) -> bool:
+    result = await conn.execute(
+        sa.update(files).where(_same_push(file_id, blob_id))
+        .values(cloud_state="stored", cloud_stored_at=sa.func.now(), cloud_lease_until=None,
+                cloud_last_error=None)
+    )
+    return result.rowcount == 1
+
+
+async def fail_push(conn: AsyncConnection, file_id: uuid.UUID, blob_id: uuid.UUID, error: str,
+                    retry_in_s: float, max_attempts: int) -> None:
+    attempts = files.c.cloud_attempts + 1
+    await conn.execute(
+        sa.update(files).where(_same_push(file_id, blob_id))
+        .values(cloud_attempts=attempts, cloud_last_error=error[:1000], cloud_lease_until=None,
+                cloud_next_attempt_at=_lease(retry_in_s),
+                cloud_state=sa.case((attempts >= max_attempts, "failed"), else_="pending"))
+    )
+
+
+async def release_push(conn: AsyncConnection, file_id: uuid.UUID, blob_id: uuid.UUID) -> None:
+    await conn.execute(sa.update(files).where(_same_push(file_id, blob_id)).values(cloud_lease_until=None))
+
+
+async def retry_failed(conn: AsyncConnection, file_id: uuid.UUID | None = None) -> list[uuid.UUID]:
+    """Put failed pushes (all, or one) back in the queue with a fresh attempt budget."""
+    query = sa.update(files).where(files.c.cloud_state == "failed")
+    if file_id is not None:
+        query = query.where(files.c.id == file_id)
+    result = await conn.execute(
+        query.values(cloud_state="pending", cloud_attempts=0, cloud_next_attempt_at=sa.func.now(),
+                     cloud_lease_until=None).returning(files.c.id))
+    return list(result.scalars())
+
+
+async def queue_deletion(conn: AsyncConnection, key: str) -> None:
+    await conn.execute(insert(cloud_deletions).values(key=key).on_conflict_do_nothing())
+
+
+async def due_deletions(conn: AsyncConnection, limit: int) -> list[str]:
+    result = await conn.execute(
+        sa.select(cloud_deletions.c.key)
+        .where(cloud_deletions.c.next_attempt_at <= sa.func.now(), _claimable(cloud_deletions, "lease_until"))
+        .order_by(cloud_deletions.c.next_attempt_at).limit(limit))
+    return list(result.scalars())
+
+
+async def claim_deletion(conn: AsyncConnection, key: str, lease_s: float) -> bool:
+    result = await conn.execute(
+        sa.update(cloud_deletions)
+        .where(cloud_deletions.c.key == key, cloud_deletions.c.next_attempt_at <= sa.func.now(),
+               _claimable(cloud_deletions, "lease_until"))
+        .values(lease_until=_lease(lease_s)))
+    return result.rowcount == 1
+
+
+async def finish_deletion(conn: AsyncConnection, key: str) -> None:
+    await conn.execute(sa.delete(cloud_deletions).where(cloud_deletions.c.key == key))
+
+
+async def fail_deletion(conn: AsyncConnection, key: str, error: str, retry_in_s: float) -> None:
+    await conn.execute(
+        sa.update(cloud_deletions).where(cloud_deletions.c.key == key)
+        .values(attempts=cloud_deletions.c.attempts + 1, last_error=error[:1000], lease_until=None,
+                next_attempt_at=_lease(retry_in_s)))

@@ -8,10 +8,12 @@ exists (Granian); otherwise the file is read in large chunks off the event loop.
 from __future__ import annotations
 
 import email.utils
+import logging
 import os
 import re
 import secrets
 import unicodedata
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -24,11 +26,14 @@ from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
 from . import db
+from .cloud import CloudError, ObjectStore, cloud_key
 from .auth import token_hash
 from .errors import NotFound, PreconditionFailed, RangeNotSatisfiable, ServiceUnavailable, Unauthorized
 from .errors import Unprocessable
 from .files import parse_file_id
 from .uploads import clean_path
+
+log = logging.getLogger("mediad.downloads")
 
 MAX_RANGES = 16  # more than this is refused by serving the whole body (RFC 9110 §14.2 advice)
 _COALESCE_GAP = 128  # ranges closer than a multipart part header are served as one
@@ -219,13 +224,47 @@ def _closing(boundary: str) -> bytes:
     return f"--{boundary}--\r\n".encode("latin-1")
 
 
-class BlobResponse:
-    """Sends a planned response from an open file descriptor (closed when done)."""
+class LocalSource:
+    """A blob on this server's disk, held open: a concurrent replace or eviction cannot swap it."""
 
-    def __init__(self, plan: _Plan, fd: int, path: str, size: int, content_type: str) -> None:
-        self.plan = plan
+    def __init__(self, fd: int, path: str) -> None:
         self.fd = fd
-        self.path = path
+        self.path: str | None = path
+
+    async def span(self, start: int, end: int) -> AsyncIterator[bytes]:
+        while start < end:
+            chunk = await anyio.to_thread.run_sync(os.pread, self.fd, min(_CHUNK, end - start), start)
+            if not chunk:
+                raise RuntimeError("the stored file is shorter than its recorded size")
+            start += len(chunk)
+            yield chunk
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class CloudSource:
+    """A blob read through from its verified cloud copy (the local one was evicted)."""
+
+    path: str | None = None
+
+    def __init__(self, store: ObjectStore, key: str) -> None:
+        self.store = store
+        self.key = key
+
+    def span(self, start: int, end: int) -> AsyncIterator[bytes]:
+        return self.store.read(self.key, start, end)
+
+    def close(self) -> None:
+        pass
+
+
+class BlobResponse:
+    """Sends a planned response from a local or cloud source (closed when done)."""
+
+    def __init__(self, plan: _Plan, source: LocalSource | CloudSource, size: int, content_type: str) -> None:
+        self.plan = plan
+        self.source = source
         self.size = size
         self.content_type = content_type
 
@@ -234,8 +273,13 @@ class BlobResponse:
             await self._send(scope, send)
         except OSError:
             pass  # the client went away (ASGI 2.4 send raises OSError); nothing left to do
+        except CloudError as exc:
+            # Headers are out; ending the response early makes the server drop the connection,
+            # so the client sees a short body against Content-Length, never silent truncation.
+            log.warning("read-through from the cloud failed mid-response: %s", exc)
+            raise
         finally:
-            os.close(self.fd)
+            self.source.close()
 
     async def _send(self, scope: Scope, send: Send) -> None:
         plan = self.plan
@@ -245,10 +289,10 @@ class BlobResponse:
             await send({"type": "http.response.body", "body": b""})
             return
         if plan.ranges is None:
-            if "http.response.pathsend" in scope.get("extensions", {}):
+            if self.source.path and "http.response.pathsend" in scope.get("extensions", {}):
                 # The server opens the path after send() returns (Granian does), so it must be the
                 # real path, not our fd: a replace or eviction racing this gets a clean error.
-                await send({"type": "http.response.pathsend", "path": self.path})
+                await send({"type": "http.response.pathsend", "path": self.source.path})
                 return
             await self._send_span(send, 0, self.size, last=True)
             return
@@ -264,16 +308,12 @@ class BlobResponse:
         await send({"type": "http.response.body", "body": _closing(plan.boundary)})
 
     async def _send_span(self, send: Send, start: int, end: int, *, last: bool) -> None:
-        if start == end:
-            if last:
-                await send({"type": "http.response.body", "body": b""})
-            return
-        while start < end:
-            chunk = await anyio.to_thread.run_sync(os.pread, self.fd, min(_CHUNK, end - start), start)
-            if not chunk:
-                raise RuntimeError("the stored file is shorter than its recorded size")
-            start += len(chunk)
-            await send({"type": "http.response.body", "body": chunk, "more_body": not last or start < end})
+        sent = start
+        async for chunk in self.source.span(start, end):
+            sent += len(chunk)
+            await send({"type": "http.response.body", "body": chunk, "more_body": not last or sent < end})
+        if last and sent == start:
+            await send({"type": "http.response.body", "body": b""})
 
 
 # ---- handlers -----------------------------------------------------------------------------------
@@ -296,7 +336,7 @@ def _open_blob(path: os.PathLike[str] | str) -> int | None:
 
 async def serve_file(request: Request, lookup: dict[str, Any]) -> BlobResponse:
     """Answer GET/HEAD for the caller's File selected by `lookup` (id= or path=)."""
-    engine, storage = request.app.state.engine, request.app.state.storage
+    engine, storage, store = request.app.state.engine, request.app.state.storage, request.app.state.store
     digest = _bearer(request)
     for _ in range(3):
         async with engine.connect() as conn:
@@ -307,11 +347,14 @@ async def serve_file(request: Request, lookup: dict[str, Any]) -> BlobResponse:
         if row.id is None:  # the token is valid; the file is not the caller's or does not exist
             raise NotFound("no such file")
         plan = plan_response(request.headers, row, request.query_params.get("inline") == "1")
-        path = str(storage.blob_path(row.blob_id))
-        opened = await anyio.to_thread.run_sync(_open_blob, path)
-        if opened is not None:
-            return BlobResponse(plan, opened, path, row.size, row.format)
-        # The blob changed under us (replaced or deleted between the lookup and the open): look again.
+        if row.local:
+            path = str(storage.blob_path(row.blob_id))
+            fd = await anyio.to_thread.run_sync(_open_blob, path)
+            if fd is not None:
+                return BlobResponse(plan, LocalSource(fd, path), row.size, row.format)
+        if row.cloud_state == "stored" and store is not None:
+            return BlobResponse(plan, CloudSource(store, cloud_key(row.blob_id)), row.size, row.format)
+        # Replaced, deleted or evicted between the lookup and the open: look again.
     raise ServiceUnavailable("the file's content is not available on this server right now")
 
 

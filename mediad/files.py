@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, Response
 
 from . import db
 from .auth import authenticate
+from .cloud import cloud_key
 from .errors import NotFound, Unprocessable
 
 MAX_LIMIT = 1000
@@ -103,11 +104,15 @@ async def show(request: Request) -> JSONResponse:
 async def delete(request: Request) -> Response:
     owner_id = await authenticate(request)
     file_id = parse_file_id(request.path_params["file_id"])
-    async with request.app.state.engine.begin() as conn:
+    state = request.app.state
+    async with state.engine.begin() as conn:
         gone = await db.delete_file(conn, owner_id, file_id)
-    if gone is None:
-        raise NotFound("no such file")
-    await anyio.to_thread.run_sync(request.app.state.storage.remove_blob, gone.blob_id)
+        if gone is None:
+            raise NotFound("no such file")
+        await db.queue_deletion(conn, cloud_key(gone.blob_id))
+    await anyio.to_thread.run_sync(state.storage.remove_blob, gone.blob_id)
+    if state.replicator is not None:
+        state.replicator.deletions_queued()
     return Response(status_code=204)
 
 

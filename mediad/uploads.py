@@ -9,6 +9,7 @@ import unicodedata
 import uuid
 from collections.abc import AsyncIterator
 from email.message import Message
+from email.utils import collapse_rfc2231_value
 from typing import Any
 
 import anyio
@@ -24,6 +25,7 @@ from streaming_form_data.validators import MaxSizeValidator, ValidationError
 
 from . import db
 from .auth import authenticate
+from .cloud import cloud_key
 from .errors import BadRequest, InsufficientStorage, PayloadTooLarge, Unprocessable
 from .files import file_json
 from .storage import Blob, BlobWriter, is_disk_full
@@ -97,6 +99,12 @@ def filename_from_disposition(header: str | None) -> str | None:
         return None
     message = Message()
     message["content-disposition"] = header
+    # RFC 6266 §4.3: filename* wins over the plain fallback wherever it appears; the email
+    # package decodes both to "filename", telling the extended one apart only as a tuple.
+    params = message.get_params(header="content-disposition") or []
+    for key, value in params:
+        if key.lower() == "filename" and isinstance(value, tuple):
+            return str(collapse_rfc2231_value(value))
     filename = message.get_filename()
     return str(filename) if filename is not None else None
 
@@ -124,12 +132,18 @@ async def commit_upload(state: State, owner_id: uuid.UUID, blob: Blob, *, name: 
     try:
         async with state.engine.begin() as conn:
             row, displaced = await db.put_file(conn, values)
+            if displaced is not None:  # the old content's cloud copy goes too, with retries
+                await db.queue_deletion(conn, cloud_key(displaced))
     except BaseException:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(storage.remove_blob, blob_id)
         raise
     if displaced is not None:
         await anyio.to_thread.run_sync(storage.remove_blob, displaced)
+    if state.replicator is not None:
+        state.replicator.enqueue(row.id)
+        if displaced is not None:
+            state.replicator.deletions_queued()
     return row, displaced is not None
 
 
@@ -206,7 +220,7 @@ async def _receive_multipart(request: Request, writer: BlobWriter) -> tuple[str 
             parser.data_received(chunk)
         except ValidationError:
             raise Unprocessable("the path field is too long") from None
-        except ParseFailedException as exc:
+        except (ParseFailedException, UnicodeDecodeError) as exc:  # part headers must be UTF-8
             raise BadRequest(f"malformed multipart/form-data: {exc}") from None
         if part.parts > 1:
             raise BadRequest("the body has more than one part named 'file'")

@@ -99,16 +99,16 @@ class Server:
 
 
 @contextlib.contextmanager
-def serve_in_thread(settings: Settings, database_url: str) -> Iterator[Server]:
-    """Run mediad under uvicorn on an ephemeral loopback port, in a thread with its own loop."""
-    app = create_app(settings, database_url)
+def asgi_in_thread(app: Any) -> Iterator[str]:
+    """Serve an ASGI app under uvicorn on an ephemeral loopback port, in a thread with its own
+    loop; yields its base URL and shuts it down (lifespan included) afterwards."""
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="on",
                             timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # not main thread
-    thread = threading.Thread(target=server.run, name="mediad-test-server", daemon=True)
+    thread = threading.Thread(target=server.run, name="test-server", daemon=True)
     thread.start()
-    for _ in range(500):
+    for _ in range(1000):
         if server.started or not thread.is_alive():
             break
         threading.Event().wait(0.01)
@@ -116,10 +116,17 @@ def serve_in_thread(settings: Settings, database_url: str) -> Iterator[Server]:
         raise RuntimeError("test server did not start")
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
-        yield Server(f"http://127.0.0.1:{port}", settings.data_dir, database_url)
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
-        thread.join(10)
+        thread.join(15)
+
+
+@contextlib.contextmanager
+def serve_in_thread(settings: Settings, database_url: str) -> Iterator[Server]:
+    """mediad itself under uvicorn in a thread (see asgi_in_thread)."""
+    with asgi_in_thread(create_app(settings, database_url)) as url:
+        yield Server(url, settings.data_dir, database_url)
 
 
 def free_port() -> int:
@@ -204,14 +211,17 @@ async def any_client(any_server: Server) -> AsyncIterator[httpx.AsyncClient]:
 
 @pytest.fixture(autouse=True)
 async def _clean_state(request: pytest.FixtureRequest) -> AsyncIterator[None]:
-    """Every test starts with no users, files or blobs (only when it uses the shared server)."""
+    """Every test that used the session database leaves it empty (and the shared server's disk)."""
     yield
-    if "server" not in request.fixturenames and "any_server" not in request.fixturenames:
+    uses = request.fixturenames
+    if "database_url" not in uses and "server" not in uses and "any_server" not in uses:
         return
-    running: Server = request.getfixturevalue("server")
-    await _admin(running.database_url, "TRUNCATE users, tokens, files CASCADE")
-    for path in running.blob_files() + running.stray_temp_files():
-        path.unlink(missing_ok=True)
+    await _admin(request.getfixturevalue("database_url"),
+                 "TRUNCATE users, tokens, files, cloud_deletions CASCADE")
+    if "server" in uses or "any_server" in uses:
+        running: Server = request.getfixturevalue("server")
+        for path in running.blob_files() + running.stray_temp_files():
+            path.unlink(missing_ok=True)
 
 
 @pytest.fixture
