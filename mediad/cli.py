@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import secrets
 import signal
+import socket
+import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
 from urllib.parse import urlsplit
 
-from . import __version__, migrate
+import httpx
+
+from . import __version__, migrate, mockcloud
 from .config import ConfigError, Settings, load_settings
 from .embedded import database
 from .logs import setup_logging
@@ -29,6 +38,43 @@ def _ignore_signal(signum: int, frame: object) -> None:
     place of the default one, that re-raise no longer kills us before the database is stopped."""
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def mock_cloud_process(data_dir: Path) -> Iterator[tuple[str, str]]:
+    """The bundled mock cloud as a child process, so the embedded default replicates out of the box."""
+    token = secrets.token_urlsafe(24)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "mediad.cli", "mock-cloud", "--host", "127.0.0.1",
+                             "--port", str(port), "--data-dir", str(data_dir), "--token", token])
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the mock cloud exited with {proc.returncode}")
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the mock cloud did not start within 30 s")
+            time.sleep(0.05)
+        yield url, token
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
 def serve(settings: Settings, server: str) -> int:
     import uvicorn
 
@@ -36,7 +82,12 @@ def serve(settings: Settings, server: str) -> int:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _ignore_signal)
-    with database(settings.database_url, settings.data_dir) as url:
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(database(settings.database_url, settings.data_dir))
+        if not settings.cloud_url and not settings.s3_bucket:
+            cloud_url, token = stack.enter_context(mock_cloud_process(settings.data_dir / "cloud"))
+            settings = replace(settings, cloud_url=cloud_url, cloud_token=token)
+            log.info("cloud: the bundled mock cloud at %s (data in %s)", cloud_url, settings.data_dir / "cloud")
         log.info("database: %s", "embedded PostgreSQL" if not settings.database_url else _redact(url))
         migrate.upgrade(url)
         log.info("data dir: %s", settings.data_dir.resolve())
@@ -59,9 +110,69 @@ def _run_granian(settings: Settings, url: str) -> None:
     from granian.constants import Interfaces
 
     os.environ["MEDIAD_DATABASE_URL"] = url
+    if settings.cloud_url:
+        os.environ["MEDIAD_CLOUD_URL"] = settings.cloud_url
+        os.environ["MEDIAD_CLOUD_TOKEN"] = settings.cloud_token or ""
     Granian("mediad.app:app_from_environment", factory=True, interface=Interfaces.ASGI,
             address=settings.host, port=settings.port, workers=1, log_enabled=False,
             workers_kill_timeout=30).serve()
+
+
+def _cloud_retry(settings: Settings, file_id: str | None) -> int:
+    import asyncio
+    import uuid
+
+    from . import db
+
+    try:
+        target = uuid.UUID(file_id) if file_id else None
+    except ValueError:
+        print(f"mediad: {file_id!r} is not a file id", file=sys.stderr)
+        return 2
+
+    async def retry(url: str) -> list[uuid.UUID]:
+        engine = db.create_engine(url, settings)
+        try:
+            async with engine.begin() as conn:
+                return await db.retry_failed(conn, target)
+        finally:
+            await engine.dispose()
+
+    with database(settings.database_url, settings.data_dir) as url:
+        ids = asyncio.run(retry(url))
+    print(f"{len(ids)} failed file(s) queued for another push")
+    return 0 if ids or target is None else 1
+
+
+def _cleanup(settings: Settings, *, once: bool, dry_run: bool) -> int:
+    """`mediad cleanup`: the same pass the server's loop runs, for cron or a Procfile worker."""
+    import asyncio
+    import json
+
+    from . import db
+    from .cleanup import sweep
+    from .storage import Storage
+
+    storage = Storage(settings.data_dir, durable=settings.fsync)
+    storage.prepare()
+
+    async def run(url: str) -> int:
+        engine = db.create_engine(url, settings)
+        try:
+            while True:
+                report = await sweep(engine, storage, settings, dry_run=dry_run)
+                if dry_run:
+                    for action in report.actions:
+                        print(action)
+                print(json.dumps(report.summary()), flush=True)
+                if once:
+                    return 1 if report.missing else 0
+                await asyncio.sleep(settings.cleanup_interval_s)
+        finally:
+            await engine.dispose()
+
+    with database(settings.database_url, settings.data_dir) as url:
+        return asyncio.run(run(url))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -74,7 +185,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve_cmd.add_argument("--server", choices=["uvicorn", "granian"], default="uvicorn",
                            help="granian (optional extra mediad[granian]) sends whole files zero-copy")
     commands.add_parser("migrate", help="bring the database schema to the latest revision")
+    mockcloud.add_cli(commands)
+    cleanup_cmd = commands.add_parser("cleanup", help="free local disk: evict files the cloud holds, "
+                                      "sweep temp and orphan files")
+    cleanup_cmd.add_argument("--once", action="store_true", help="one pass, then exit (for cron)")
+    cleanup_cmd.add_argument("--dry-run", action="store_true", help="print what a pass would do")
+    cloud_cmd = commands.add_parser("cloud", help="cloud replication maintenance")
+    cloud_actions = cloud_cmd.add_subparsers(dest="cloud_command", required=True)
+    retry_cmd = cloud_actions.add_parser("retry", help="put failed pushes back in the queue")
+    which = retry_cmd.add_mutually_exclusive_group(required=True)
+    which.add_argument("--all", action="store_true", help="every failed file")
+    which.add_argument("file_id", nargs="?", help="one file id")
     args = parser.parse_args(argv)
+    if args.command == "mock-cloud":
+        return mockcloud.main_from_args(args)
 
     try:
         overrides = {}
@@ -92,6 +216,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command == "serve":
         return serve(settings, args.server)
+    if args.command == "cleanup":
+        return _cleanup(settings, once=args.once or args.dry_run, dry_run=args.dry_run)
+    if args.command == "cloud":
+        return _cloud_retry(settings, None if args.all else args.file_id)
     if args.command == "migrate":
         with database(settings.database_url, settings.data_dir) as url:
             migrate.upgrade(url)

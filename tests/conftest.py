@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from mediad import migrate
 from mediad.app import create_app
 from mediad.config import Settings
 from mediad.embedded import embedded_postgres
+from mediad.mockcloud import Faults, create_mock_cloud
 
 TEST_MAX_UPLOAD = 64 * 1024 * 1024
 
@@ -269,3 +270,57 @@ def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:
     assert body["status"] == status
     assert body["type"] and body["title"] and body["detail"]
     return body
+
+
+# ---- the mock cloud and mediad instances replicating to it ----------------------------------
+
+CLOUD_TOKEN = "cloud-test-token"
+
+
+@dataclass
+class MockCloud:
+    url: str
+    data_dir: Path
+
+    def client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.url, headers={"Authorization": f"Bearer {CLOUD_TOKEN}"}, timeout=30)
+
+    async def set_faults(self, **faults: float) -> None:
+        async with self.client() as http:
+            assert (await http.post("/admin/faults", json=faults)).status_code == 200
+
+    async def stats(self) -> dict[str, Any]:
+        async with self.client() as http:
+            return (await http.get("/admin/stats")).json()
+
+    async def object(self, key: str) -> httpx.Response:
+        async with self.client() as http:
+            return await http.get(f"/objects/{key}")
+
+
+@pytest.fixture
+def mock_cloud(tmp_path: Path) -> Iterator[MockCloud]:
+    with asgi_in_thread(create_mock_cloud(tmp_path / "cloud", CLOUD_TOKEN, Faults())) as url:
+        yield MockCloud(url, tmp_path / "cloud")
+
+
+def cloud_settings(data_dir: Path, cloud: MockCloud, **overrides: Any) -> Any:
+    fast = {"cloud_url": cloud.url, "cloud_token": CLOUD_TOKEN, "cloud_poll_s": 0.3, "cloud_lease_s": 5.0,
+            "cloud_retry_base_s": 0.1, "cloud_retry_cap_s": 0.5, "cloud_max_attempts": 100}
+    return make_settings(data_dir, **{**fast, **overrides})
+
+
+@pytest.fixture
+def cloud_server(database_url: str, tmp_path: Path, mock_cloud: MockCloud) -> Iterator[Server]:
+    with serve_in_thread(cloud_settings(tmp_path / "data", mock_cloud), database_url) as running:
+        yield running
+
+
+async def wait_for(check: Callable[[], Awaitable[bool]], timeout: float = 20, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or check}")
+        await asyncio.sleep(0.05)
+
+
