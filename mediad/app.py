@@ -12,6 +12,7 @@ import anyio
 import httpx
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -20,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from . import auth, downloads, files, uploads
+from .cleanup import AccessTracker, cleanup_loop
 from .cloud import CloudError, ObjectStore, Replicator
 from .config import Settings
 from .db import create_engine
@@ -45,9 +47,11 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
         app.state.settings = settings
         app.state.storage = storage
         app.state.engine = engine
-        app.state.store = app.state.replicator = None
+        app.state.store = app.state.replicator = app.state.last_cleanup = None
+        app.state.access = AccessTracker()
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(engine.dispose)
+            stack.push_async_callback(_flush_quietly, app.state.access, engine)
             if settings.cloud_url:
                 http = await stack.enter_async_context(httpx.AsyncClient(
                     timeout=httpx.Timeout(60, connect=5), limits=httpx.Limits(max_connections=64)))
@@ -55,6 +59,10 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
                 app.state.replicator = Replicator(engine, storage, app.state.store, settings)
                 replication = asyncio.create_task(app.state.replicator.run(), name="replication")
                 stack.push_async_callback(_stop, replication)
+            if settings.cleanup_interval_s > 0:
+                loop = asyncio.create_task(
+                    cleanup_loop(engine, storage, settings, app.state.access, app.state), name="cleanup")
+                stack.push_async_callback(_stop, loop)
             yield
 
     routes = [
@@ -85,6 +93,13 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
         },
         lifespan=lifespan,
     )
+
+
+async def _flush_quietly(tracker: AccessTracker, engine: AsyncEngine) -> None:
+    try:
+        await tracker.flush(engine)
+    except Exception as exc:
+        log.warning("could not record last access times at shutdown: %s", exc.__class__.__name__)
 
 
 async def _stop(task: asyncio.Task[None]) -> None:
@@ -152,4 +167,7 @@ async def ping_all(request: Request) -> Response:
         except CloudError:
             cloud_ms = None  # configured but unreachable: null, and the log says why
             log.warning("cloud ping failed")
-    return JSONResponse({"db": round(db_ms, 3), "storage": round(storage_ms, 3), "cloud": cloud_ms})
+    last = request.app.state.last_cleanup
+    return JSONResponse({"db": round(db_ms, 3), "storage": round(storage_ms, 3), "cloud": cloud_ms,
+                         # true when the last cleanup pass could not bring the disk under high water
+                         "disk_pressure": bool(last and last.pressure_unrelieved)})

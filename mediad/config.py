@@ -44,6 +44,7 @@ class Settings:
     cloud_retry_cap_s: float = 300.0
     cleanup_interval_s: float = 300.0
     local_ttl_s: float = 7 * 86400.0
+    cleanup_grace_s: float = 3600.0  # temp files and orphan blobs younger than this are left alone
     disk_high_water: float = 0.90
     min_free_bytes: int = 0
     upload_expire_s: int = 86400

@@ -361,3 +361,38 @@ async def fail_deletion(conn: AsyncConnection, key: str, error: str, retry_in_s:
         sa.update(cloud_deletions).where(cloud_deletions.c.key == key)
         .values(attempts=cloud_deletions.c.attempts + 1, last_error=error[:1000], lease_until=None,
                 next_attempt_at=_lease(retry_in_s)))
+
+
+# ---- local disk cleanup -------------------------------------------------------------------------
+
+async def evictable(conn: AsyncConnection, accessed_before: datetime | None = None) -> Sequence[Row[Any]]:
+    """Local files whose verified cloud copy exists, least recently accessed first."""
+    query = (sa.select(files.c.id, files.c.blob_id, files.c.size)
+             .where(files.c.local.is_(True), files.c.cloud_state == "stored")
+             .order_by(files.c.accessed_at, files.c.id))
+    if accessed_before is not None:
+        query = query.where(files.c.accessed_at < accessed_before)
+    return (await conn.execute(query)).all()
+
+
+async def mark_evicted(conn: AsyncConnection, file_id: uuid.UUID, blob_id: uuid.UUID) -> bool:
+    """local = false, only while the row still holds that blob and its cloud copy is stored."""
+    result = await conn.execute(
+        sa.update(files)
+        .where(files.c.id == file_id, files.c.blob_id == blob_id, files.c.cloud_state == "stored",
+               files.c.local.is_(True))
+        .values(local=False))
+    return result.rowcount == 1
+
+
+async def local_state(conn: AsyncConnection) -> Sequence[Row[Any]]:
+    return (await conn.execute(
+        sa.select(files.c.id, files.c.blob_id, files.c.local, files.c.cloud_state))).all()
+
+
+async def record_access(conn: AsyncConnection, seen: dict[uuid.UUID, datetime]) -> None:
+    await conn.execute(
+        sa.text("UPDATE files SET accessed_at = greatest(files.accessed_at, v.t) "
+                "FROM unnest(CAST(:ids AS uuid[]), CAST(:ts AS timestamptz[])) AS v(id, t) "
+                "WHERE files.id = v.id"),
+        {"ids": list(seen), "ts": list(seen.values())})

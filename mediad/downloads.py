@@ -21,15 +21,15 @@ from urllib.parse import quote
 
 import anyio
 from sqlalchemy.engine import Row
-from starlette.datastructures import Headers
+from starlette.datastructures import Headers, QueryParams
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
 from . import db
 from .cloud import CloudError, ObjectStore, cloud_key
-from .auth import token_hash
-from .errors import NotFound, PreconditionFailed, RangeNotSatisfiable, ServiceUnavailable, Unauthorized
-from .errors import Unprocessable
+from .auth import authenticate, token_hash
+from .errors import MediaError, NotFound, PreconditionFailed, RangeNotSatisfiable, ServiceUnavailable
+from .errors import Unauthorized, Unprocessable
 from .files import parse_file_id
 from .uploads import clean_path
 
@@ -136,15 +136,16 @@ def evaluate_preconditions(headers: Headers, etag: str, modified: datetime) -> i
     return None
 
 
-def range_applies(headers: Headers, etag: str, last_modified: str) -> bool:
-    """If-Range (RFC 9110 §13.1.5): the range only if the validator still matches, strongly."""
+def range_applies(headers: Headers, etag: str, last_modified: str | None) -> bool:
+    """If-Range (RFC 9110 §13.1.5): the range only if the validator still matches, strongly.
+    `last_modified` is None when the date is not a strong validator: no date matches then."""
     if_range = headers.get("if-range")
     if if_range is None:
         return True
     if_range = if_range.strip()
     if if_range.startswith('"') or if_range.startswith("W/"):
         return if_range == etag
-    return if_range == last_modified
+    return last_modified is not None and if_range == last_modified
 
 
 _FALLBACK_UNSAFE = re.compile(r"[^A-Za-z0-9 !#$&'()+,.=@\[\]^_`{}~-]")
@@ -188,7 +189,7 @@ class _Plan:
     boundary: str = ""
 
 
-def plan_response(headers: Headers, row: Row[Any], inline: bool) -> _Plan:
+def plan_response(method: str, headers: Headers, row: Row[Any], inline: bool) -> _Plan:
     """Status, headers and byte ranges for a GET/HEAD of this File (no I/O)."""
     base = representation_headers(row, inline)
     outcome = evaluate_preconditions(headers, base["etag"], _modified(row))
@@ -199,7 +200,11 @@ def plan_response(headers: Headers, row: Row[Any], inline: bool) -> _Plan:
         return _Plan(304, {k: base[k] for k in keep}, [])
     size = row.size
     ranges = None
-    if range_applies(headers, base["etag"], base["last-modified"]):
+    # Two contents can share a Last-Modified second, so the date is a strong validator only while
+    # the File has its first content (RFC 9110 §8.8.2.2); a replace keeps the id.
+    strong_date = base["last-modified"] if row.updated_at == row.created_at else None
+    # Range handling is defined for GET only (RFC 9110 §14.2): HEAD describes the full 200.
+    if method == "GET" and range_applies(headers, base["etag"], strong_date):
         ranges = parse_ranges(headers.get("range"), size)
     if ranges is None:
         return _Plan(200, {**base, "content-length": str(size)}, None)
@@ -346,7 +351,9 @@ async def serve_file(request: Request, lookup: dict[str, Any]) -> BlobResponse:
         row = found
         if row.id is None:  # the token is valid; the file is not the caller's or does not exist
             raise NotFound("no such file")
-        plan = plan_response(request.headers, row, request.query_params.get("inline") == "1")
+        plan = plan_response(request.method, request.headers, row,
+                             request.query_params.get("inline") == "1")
+        request.app.state.access.touch(row.id)
         if row.local:
             path = str(storage.blob_path(row.blob_id))
             fd = await anyio.to_thread.run_sync(_open_blob, path)
@@ -359,17 +366,30 @@ async def serve_file(request: Request, lookup: dict[str, Any]) -> BlobResponse:
 
 
 async def content(request: Request) -> BlobResponse:
-    return await serve_file(request, {"file_id": parse_file_id(request.path_params["file_id"])})
+    try:
+        file_id = parse_file_id(request.path_params["file_id"])
+    except NotFound:
+        await authenticate(request)  # a missing or unknown token is 401 first, as on every route
+        raise
+    return await serve_file(request, {"file_id": file_id})
 
 
-async def download(request: Request) -> BlobResponse:
-    params = request.query_params
+def _download_lookup(params: QueryParams) -> dict[str, Any]:
     if ("id" in params) == ("path" in params):
         raise Unprocessable("give exactly one of ?id= or ?path=")
     if "id" in params:
-        return await serve_file(request, {"file_id": parse_file_id(params["id"])})
+        return {"file_id": parse_file_id(params["id"])}
     path = clean_path(params["path"])
     if path.endswith("/"):
         raise Unprocessable("the path names a folder, not a file")
-    return await serve_file(request, {"path": path})
+    return {"path": path}
+
+
+async def download(request: Request) -> BlobResponse:
+    try:
+        lookup = _download_lookup(request.query_params)
+    except MediaError:
+        await authenticate(request)  # a missing or unknown token is 401 first, as on every route
+        raise
+    return await serve_file(request, lookup)
 

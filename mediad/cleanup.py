@@ -1,0 +1,266 @@
+"""Local disk cleanup: evict what the cloud holds, sweep leftovers, and never lose a file.
+
+One pass (`sweep`) serves both the lifespan loop and `mediad cleanup --once`. Eviction only ever
+touches Files whose cloud copy is `stored` (verified by sha256 when pushed); everything else stays,
+whatever the disk pressure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import anyio
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from . import db
+from .config import Settings
+from .storage import Storage
+
+log = logging.getLogger("mediad.cleanup")
+
+_ADVISORY_LOCK = 0x6D65646961640001  # "mediad" + 1: one cleanup pass per database at a time
+_LOW_WATER_GAP = 0.10
+
+
+@dataclass
+class Report:
+    dry_run: bool = False
+    skipped: str | None = None  # why no pass ran (another one holds the lock)
+    evicted_files: int = 0
+    evicted_bytes: int = 0
+    temp_removed: int = 0
+    orphans_removed: int = 0
+    missing: list[str] = field(default_factory=list)  # data loss: no local file, no cloud copy
+    disk_used_fraction: float = 0.0
+    pressure_unrelieved: bool = False
+    actions: list[str] = field(default_factory=list)  # what a dry run would do
+
+    def summary(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["missing"] = len(self.missing)
+        data.pop("actions")
+        return data
+
+
+@dataclass(frozen=True)
+class DiskUsage:
+    total: int
+    free: int
+
+    @property
+    def used_fraction(self) -> float:
+        return 1.0 - self.free / self.total if self.total else 0.0
+
+
+def disk_usage(storage: Storage) -> DiskUsage:
+    stat = os.statvfs(storage.root)
+    return DiskUsage(stat.f_blocks * stat.f_frsize, stat.f_bavail * stat.f_frsize)
+
+
+def bytes_to_free(usage: DiskUsage, high_water: float) -> int:
+    """Bytes to evict to get from above `high_water` to the low-water mark (high − 0.10); 0 if not above."""
+    if usage.used_fraction <= high_water:
+        return 0
+    target_used = max(high_water - _LOW_WATER_GAP, 0.0) * usage.total
+    return int((usage.total - usage.free) - target_used) + 1
+
+
+class AccessTracker:
+    """Coalesces last-access times in memory; one UPDATE per flush instead of one per request."""
+
+    def __init__(self) -> None:
+        self._seen: dict[uuid.UUID, datetime] = {}
+
+    def touch(self, file_id: uuid.UUID) -> None:
+        self._seen[file_id] = datetime.now(UTC)
+
+    async def flush(self, engine: AsyncEngine) -> None:
+        if not self._seen:
+            return
+        seen, self._seen = self._seen, {}
+        try:
+            async with engine.begin() as conn:
+                await db.record_access(conn, seen)
+        except Exception:
+            for file_id, moment in seen.items():  # keep them for the next flush
+                self._seen.setdefault(file_id, moment)
+            raise
+
+
+@contextlib.contextmanager
+def _data_dir_lock(storage: Storage) -> Iterator[bool]:
+    """flock on the data dir: processes sharing it run one pass at a time."""
+    fd = os.open(storage.root / "cleanup.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+@contextlib.asynccontextmanager
+async def _database_lock(engine: AsyncEngine) -> AsyncIterator[bool]:
+    async with engine.connect() as conn:
+        got = (await conn.execute(sa.select(sa.func.pg_try_advisory_lock(_ADVISORY_LOCK)))).scalar_one()
+        await conn.commit()
+        try:
+            yield bool(got)
+        finally:
+            if got:
+                await conn.execute(sa.select(sa.func.pg_advisory_unlock(_ADVISORY_LOCK)))
+                await conn.commit()
+
+
+async def sweep(engine: AsyncEngine, storage: Storage, settings: Settings, *, dry_run: bool = False,
+                now: datetime | None = None, usage: DiskUsage | None = None) -> Report:
+    """One cleanup pass. `now` and `usage` exist for tests (a controllable clock and disk)."""
+    report = Report(dry_run=dry_run)
+    with _data_dir_lock(storage) as mine:
+        if not mine:
+            report.skipped = "another cleanup pass holds this data dir"
+            return report
+        async with _database_lock(engine) as ours:
+            if not ours:
+                report.skipped = "another process runs a cleanup pass on this database"
+                return report
+            await _pass(engine, storage, settings, report, now or datetime.now(UTC), usage)
+    level = logging.ERROR if report.missing or report.pressure_unrelieved else logging.INFO
+    log.log(level, "cleanup pass%s: evicted %d files (%d bytes), removed %d temp and %d orphan files, "
+            "%d missing", " (dry run)" if dry_run else "", report.evicted_files, report.evicted_bytes,
+            report.temp_removed, report.orphans_removed, len(report.missing), extra=report.summary())
+    return report
+
+
+async def _pass(engine: AsyncEngine, storage: Storage, settings: Settings, report: Report,
+                now: datetime, usage: DiskUsage | None) -> None:
+    # 1. Local copies not read for a TTL, once the cloud holds them.
+    async with engine.connect() as conn:
+        stale = await db.evictable(conn, accessed_before=now - timedelta(seconds=settings.local_ttl_s))
+    evicted: set[uuid.UUID] = set()
+    for row in stale:
+        if await _evict(engine, storage, row, report):
+            evicted.add(row.id)
+
+    # 2. Disk pressure: least recently accessed first, down to the low-water mark.
+    usage = usage or await anyio.to_thread.run_sync(disk_usage, storage)
+    report.disk_used_fraction = round(usage.used_fraction, 4)
+    wanted = bytes_to_free(usage, settings.disk_high_water)
+    if wanted > 0:
+        async with engine.connect() as conn:
+            candidates = await db.evictable(conn)
+        freed = 0
+        for row in candidates:
+            if freed >= wanted:
+                break
+            if row.id not in evicted and await _evict(engine, storage, row, report):
+                freed += row.size
+        if freed < wanted:
+            report.pressure_unrelieved = True
+            log.error("disk is %.0f%% full and only %d of %d bytes could be evicted: the rest is not "
+                      "in the cloud yet", usage.used_fraction * 100, freed, wanted)
+
+    # 3 and 4. Leftovers on disk, and rows whose bytes are nowhere.
+    async with engine.connect() as conn:
+        rows = await db.local_state(conn)
+    grace = settings.cleanup_grace_s
+    found = await anyio.to_thread.run_sync(_scan_disk, storage, {r.blob_id for r in rows}, time.time() - grace)
+    temps, orphans, present = found
+    for path in temps:
+        report.temp_removed += 1
+        _remove(path, report, f"remove abandoned temp file {os.path.basename(path)}")
+    for path in orphans:
+        report.orphans_removed += 1
+        _remove(path, report, f"remove orphan blob {os.path.basename(path)}")
+    for row in rows:
+        on_disk = row.blob_id in present
+        if row.local and not on_disk:
+            if row.cloud_state == "stored":
+                report.actions.append(f"mark {row.id} as not local (its file is gone, the cloud has it)")
+                if not report.dry_run:
+                    async with engine.begin() as conn:
+                        await db.mark_evicted(conn, row.id, row.blob_id)
+            else:
+                report.missing.append(str(row.id))
+                log.error("DATA LOSS: file %s has no local bytes and no cloud copy", row.id,
+                          extra={"file_id": str(row.id), "blob_id": str(row.blob_id)})
+        elif not row.local and on_disk:
+            # An eviction interrupted between its UPDATE and its unlink: finish it.
+            _remove(storage.blob_path(row.blob_id), report, f"finish eviction of {row.id}")
+
+
+async def _evict(engine: AsyncEngine, storage: Storage, row: Any, report: Report) -> bool:
+    """Row first (only if still stored and unchanged), then the bytes: a download that already
+    opened the file keeps its inode; one that has not re-reads the row and goes to the cloud."""
+    report.actions.append(f"evict {row.id} ({row.size} bytes)")
+    if report.dry_run:
+        report.evicted_files += 1
+        report.evicted_bytes += row.size
+        return True
+    async with engine.begin() as conn:
+        if not await db.mark_evicted(conn, row.id, row.blob_id):
+            return False  # replaced, deleted or no longer stored meanwhile
+    await anyio.to_thread.run_sync(storage.remove_blob, row.blob_id)
+    report.evicted_files += 1
+    report.evicted_bytes += row.size
+    return True
+
+
+def _remove(path: Any, report: Report, action: str) -> None:
+    report.actions.append(action)
+    if not report.dry_run:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def _scan_disk(storage: Storage, known: set[uuid.UUID], older_than: float
+               ) -> tuple[list[str], list[str], set[uuid.UUID]]:
+    """(old temp files, old blobs no row owns, blob ids present on disk)."""
+    temps = []
+    for entry in os.scandir(storage.tmp_dir):
+        if entry.name.endswith(".part") and entry.stat().st_mtime < older_than:
+            temps.append(entry.path)
+    orphans, present = [], set()
+    for directory, _, names in os.walk(storage.root / "files"):
+        for name in names:
+            try:
+                blob_id = uuid.UUID(hex=name)
+            except ValueError:
+                continue
+            path = os.path.join(directory, name)
+            if blob_id in known:
+                present.add(blob_id)
+            elif os.stat(path).st_mtime < older_than:
+                orphans.append(path)
+    return temps, orphans, present
+
+
+async def cleanup_loop(engine: AsyncEngine, storage: Storage, settings: Settings, tracker: AccessTracker,
+                       state: Any) -> None:
+    """The lifespan's loop: flush access times often, run a pass every cleanup interval."""
+    next_pass = time.monotonic() + min(settings.cleanup_interval_s, 5.0)
+    while True:
+        await asyncio.sleep(min(10.0, settings.cleanup_interval_s))
+        try:
+            await tracker.flush(engine)
+            if time.monotonic() >= next_pass:
+                next_pass = time.monotonic() + settings.cleanup_interval_s
+                report = await sweep(engine, storage, settings)
+                if report.skipped is None:
+                    state.last_cleanup = report
+        except Exception as exc:  # the database may be down: try again next time
+            log.warning("cleanup loop: %s", exc.__class__.__name__, extra={"error": str(exc)[:300]})
