@@ -153,8 +153,13 @@ _FALLBACK_UNSAFE = re.compile(r"[^A-Za-z0-9 !#$&'()+,.=@\[\]^_`{}~-]")
 
 def content_disposition(name: str, inline: bool = False) -> str:
     """RFC 6266 with an ASCII fallback and the exact name in RFC 8187 `filename*`."""
-    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode("ascii")
-    fallback = _FALLBACK_UNSAFE.sub("_", ascii_name).strip(" .")[:150] or "download"
+    def ascii_only(text: str) -> str:
+        folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+        return _FALLBACK_UNSAFE.sub("_", folded)
+
+    stem, extension = os.path.splitext(name)
+    # A name with no ASCII in its stem still keeps its extension: "download.mp4", not "mp4".
+    fallback = ((ascii_only(stem).strip(" .")[:150] or "download") + ascii_only(extension)[:20]).strip(" ")
     encoded = quote(name, safe="!#$&+-.^_`|~")
     kind = "inline" if inline else "attachment"
     return f"{kind}; filename=\"{fallback}\"; filename*=UTF-8''{encoded}"

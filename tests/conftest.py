@@ -213,15 +213,15 @@ async def any_client(any_server: Server) -> AsyncIterator[httpx.AsyncClient]:
 @pytest.fixture(autouse=True)
 async def _clean_state(request: pytest.FixtureRequest) -> AsyncIterator[None]:
     """Every test that used the session database leaves it empty (and the shared server's disk)."""
-    yield
     uses = request.fixturenames
-    if "database_url" not in uses and "server" not in uses and "any_server" not in uses:
+    database = request.getfixturevalue("database_url") if {"database_url", "server", "any_server"} & set(uses) else None
+    shared: Server | None = request.getfixturevalue("server") if {"server", "any_server"} & set(uses) else None
+    yield
+    if database is None:
         return
-    await _admin(request.getfixturevalue("database_url"),
-                 "TRUNCATE users, tokens, files, cloud_deletions CASCADE")
-    if "server" in uses or "any_server" in uses:
-        running: Server = request.getfixturevalue("server")
-        for path in running.blob_files() + running.stray_temp_files():
+    await _admin(database, "TRUNCATE users, tokens, files, records, cloud_deletions CASCADE")
+    if shared is not None:
+        for path in shared.blob_files() + shared.stray_temp_files():
             path.unlink(missing_ok=True)
 
 
