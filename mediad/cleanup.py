@@ -148,9 +148,11 @@ async def sweep(engine: AsyncEngine, storage: Storage, settings: Settings, *, dr
 
 async def _pass(engine: AsyncEngine, storage: Storage, settings: Settings, report: Report,
                 now: datetime, usage: DiskUsage | None) -> None:
+    node = storage.node_id
+    assert node is not None, "storage.prepare() first"
     # 1. Local copies not read for a TTL, once the cloud holds them.
     async with engine.connect() as conn:
-        stale = await db.evictable(conn, accessed_before=now - timedelta(seconds=settings.local_ttl_s))
+        stale = await db.evictable(conn, node, accessed_before=now - timedelta(seconds=settings.local_ttl_s))
     evicted: set[uuid.UUID] = set()
     for row in stale:
         if await _evict(engine, storage, row, report):
@@ -162,7 +164,7 @@ async def _pass(engine: AsyncEngine, storage: Storage, settings: Settings, repor
     wanted = bytes_to_free(usage, settings.disk_high_water)
     if wanted > 0:
         async with engine.connect() as conn:
-            candidates = await db.evictable(conn)
+            candidates = await db.evictable(conn, node)
         freed = 0
         for row in candidates:
             if freed >= wanted:
@@ -176,7 +178,7 @@ async def _pass(engine: AsyncEngine, storage: Storage, settings: Settings, repor
 
     # 3 and 4. Leftovers on disk, and rows whose bytes are nowhere.
     async with engine.connect() as conn:
-        rows = await db.local_state(conn)
+        rows = await db.local_state(conn, node)
     grace = settings.cleanup_grace_s
     found = await anyio.to_thread.run_sync(_scan_disk, storage, {r.blob_id for r in rows}, time.time() - grace)
     temps, orphans, present = found
@@ -188,17 +190,17 @@ async def _pass(engine: AsyncEngine, storage: Storage, settings: Settings, repor
         _remove(path, report, f"remove orphan blob {os.path.basename(path)}")
     for row in rows:
         on_disk = row.blob_id in present
-        if row.local and not on_disk:
+        if row.node == node and not on_disk:
             if row.cloud_state == "stored":
                 report.actions.append(f"mark {row.id} as not local (its file is gone, the cloud has it)")
                 if not report.dry_run:
                     async with engine.begin() as conn:
-                        await db.mark_evicted(conn, row.id, row.blob_id)
+                        await db.mark_evicted(conn, row.id, row.blob_id, node)
             else:
                 report.missing.append(str(row.id))
                 log.error("DATA LOSS: file %s has no local bytes and no cloud copy", row.id,
                           extra={"file_id": str(row.id), "blob_id": str(row.blob_id)})
-        elif not row.local and on_disk:
+        elif row.node is None and on_disk:
             # An eviction interrupted between its UPDATE and its unlink: finish it.
             _remove(storage.blob_path(row.blob_id), report, f"finish eviction of {row.id}")
 
@@ -212,7 +214,7 @@ async def _evict(engine: AsyncEngine, storage: Storage, row: Any, report: Report
         report.evicted_bytes += row.size
         return True
     async with engine.begin() as conn:
-        if not await db.mark_evicted(conn, row.id, row.blob_id):
+        if not await db.mark_evicted(conn, row.id, row.blob_id, storage.node_id):
             return False  # replaced, deleted or no longer stored meanwhile
     await anyio.to_thread.run_sync(storage.remove_blob, row.blob_id)
     report.evicted_files += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import secrets
 import signal
 import socket
@@ -50,8 +51,11 @@ def mock_cloud_process(data_dir: Path) -> Iterator[tuple[str, str]]:
     token = secrets.token_urlsafe(24)
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
+    # The token travels in the environment: not visible in `ps`, and a random token that starts
+    # with "-" cannot be mistaken for an option.
     proc = subprocess.Popen([sys.executable, "-m", "mediad.cli", "mock-cloud", "--host", "127.0.0.1",
-                             "--port", str(port), "--data-dir", str(data_dir), "--token", token])
+                             "--port", str(port), "--data-dir", str(data_dir)],
+                            env={**os.environ, "MEDIAD_CLOUD_TOKEN": token})
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -104,8 +108,6 @@ def serve(settings: Settings, server: str) -> int:
 def _run_granian(settings: Settings, url: str) -> None:
     """Granian serves full-file downloads zero-copy (ASGI pathsend); it imports the app itself in
     a worker process, so the database URL travels through the environment."""
-    import os
-
     from granian import Granian
     from granian.constants import Interfaces
 
@@ -206,8 +208,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             overrides["MEDIAD_HOST"] = args.host
         if getattr(args, "port", None):
             overrides["MEDIAD_PORT"] = str(args.port)
-        import os
-
         settings = load_settings({**os.environ, **overrides})
     except ConfigError as exc:
         print(f"mediad: configuration error: {exc}", file=sys.stderr)

@@ -141,6 +141,8 @@ class Replicator:
         self.queue: asyncio.Queue[uuid.UUID] = asyncio.Queue()
         self._queued: set[uuid.UUID] = set()
         self._deletions_due = asyncio.Event()
+        assert storage.node_id is not None, "storage.prepare() first"
+        self.node = storage.node_id
 
     def enqueue(self, file_id: uuid.UUID) -> None:
         if file_id not in self._queued:
@@ -161,7 +163,7 @@ class Replicator:
         while True:
             try:
                 async with self.engine.connect() as conn:
-                    due = await db.due_pushes(conn, _POLL_BATCH)
+                    due = await db.due_pushes(conn, self.node, _POLL_BATCH)
                 for file_id in due:
                     self.enqueue(file_id)
             except Exception as exc:  # the database may be down; the next poll tries again
@@ -180,7 +182,7 @@ class Replicator:
     async def push(self, file_id: uuid.UUID) -> None:
         settings = self.settings
         async with self.engine.begin() as conn:
-            claim = await db.claim_push(conn, file_id, settings.cloud_lease_s)
+            claim = await db.claim_push(conn, file_id, self.node, settings.cloud_lease_s)
         if claim is None:
             return  # not due, already stored, or another worker holds it
         key = cloud_key(claim.blob_id)

@@ -51,7 +51,9 @@ class Settings:
     secret_key: str | None = None
     fsync: bool = True  # off only for throw-away deployments: a 2xx then no longer means durable
     audio_workers: int = field(default_factory=lambda: os.cpu_count() or 1)
-    ffmpeg: str | None = None
+    ffmpeg: str | None = None  # None: the binary shipped in the imageio-ffmpeg wheel
+    audio_queue_timeout_s: float = 30.0  # how long a conversion may wait for a free worker (then 503)
+    audio_timeout_s: float = 600.0
     db_pool_size: int = 10
     db_pool_timeout_s: float = 5.0
     log_level: str = "INFO"

@@ -70,8 +70,9 @@ files = sa.Table(
     sa.Column("created_at", TZ, nullable=False, server_default=sa.func.now()),
     sa.Column("updated_at", TZ, nullable=False, server_default=sa.func.now()),
     sa.Column("accessed_at", TZ, nullable=False, server_default=sa.func.now()),
-    # Whether this server's disk holds the blob (false once evicted after a verified cloud copy).
-    sa.Column("local", sa.Boolean, nullable=False, server_default=sa.true()),
+    # The node (data dir) whose disk holds the blob; NULL once evicted after a verified cloud
+    # copy. Several instances may share one database with data dirs of their own.
+    sa.Column("node", UUID(as_uuid=True)),
     sa.Column("cloud_state", sa.Text, nullable=False, server_default="pending"),
     sa.Column("cloud_stored_at", TZ),
     sa.Column("cloud_attempts", sa.Integer, nullable=False, server_default="0"),
@@ -84,6 +85,15 @@ files = sa.Table(
     sa.CheckConstraint("size >= 0", name="size"),
     sa.Index("ix_files_owner_created", "owner_id", "created_at", "id"),
     sa.Index("ix_files_cloud_due", "cloud_state", "cloud_next_attempt_at"),
+)
+
+records = sa.Table(
+    "records",
+    metadata,
+    # Files made by POST /records: only these are served by the tokenless /record link.
+    sa.Column("file_id", UUID(as_uuid=True), sa.ForeignKey("files.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("created_at", TZ, nullable=False, server_default=sa.func.now()),
+    sa.Column("duration_ms", sa.BigInteger, nullable=False),
 )
 
 cloud_deletions = sa.Table(
@@ -202,7 +212,7 @@ async def put_file(conn: AsyncConnection, values: dict[str, Any]) -> tuple[Row[A
                     .where(files.c.id == current.id)
                     .values({
                         **{k: v for k, v in values.items() if k not in ("id", "owner_id", "path")},
-                        "updated_at": sa.func.now(), "accessed_at": sa.func.now(), "local": True,
+                        "updated_at": sa.func.now(), "accessed_at": sa.func.now(),
                         "cloud_state": "pending", "cloud_stored_at": None, "cloud_attempts": 0,
                         "cloud_next_attempt_at": sa.func.now(), "cloud_last_error": None,
                         "cloud_lease_until": None,
@@ -234,7 +244,7 @@ async def delete_file(conn: AsyncConnection, owner_id: uuid.UUID, file_id: uuid.
     result = await conn.execute(
         sa.delete(files)
         .where(files.c.id == file_id, files.c.owner_id == owner_id)
-        .returning(files.c.blob_id, files.c.local, files.c.cloud_state)
+        .returning(files.c.blob_id, files.c.node, files.c.cloud_state)
     )
     return result.first()
 
@@ -264,10 +274,12 @@ def _claimable(table: sa.Table, lease_column: str) -> sa.ColumnElement[bool]:
     return sa.or_(lease.is_(None), lease < sa.func.now())
 
 
-async def due_pushes(conn: AsyncConnection, limit: int) -> list[uuid.UUID]:
+async def due_pushes(conn: AsyncConnection, node: uuid.UUID, limit: int) -> list[uuid.UUID]:
+    """Pending pushes of blobs on this node's disk (only this node can read them)."""
     result = await conn.execute(
         sa.select(files.c.id)
-        .where(files.c.cloud_state == "pending", files.c.cloud_next_attempt_at <= sa.func.now(),
+        .where(files.c.node == node, files.c.cloud_state == "pending",
+               files.c.cloud_next_attempt_at <= sa.func.now(),
                _claimable(files, "cloud_lease_until"))
         .order_by(files.c.cloud_next_attempt_at)
         .limit(limit)
@@ -275,10 +287,11 @@ async def due_pushes(conn: AsyncConnection, limit: int) -> list[uuid.UUID]:
     return list(result.scalars())
 
 
-async def claim_push(conn: AsyncConnection, file_id: uuid.UUID, lease_s: float) -> Row[Any] | None:
+async def claim_push(conn: AsyncConnection, file_id: uuid.UUID, node: uuid.UUID,
+                     lease_s: float) -> Row[Any] | None:
     result = await conn.execute(
         sa.update(files)
-        .where(files.c.id == file_id, files.c.cloud_state == "pending",
+        .where(files.c.id == file_id, files.c.node == node, files.c.cloud_state == "pending",
                files.c.cloud_next_attempt_at <= sa.func.now(), _claimable(files, "cloud_lease_until"))
         .values(cloud_lease_until=_lease(lease_s))
         .returning(files.c.blob_id, files.c.sha256, files.c.size, files.c.cloud_attempts)
@@ -365,29 +378,33 @@ async def fail_deletion(conn: AsyncConnection, key: str, error: str, retry_in_s:
 
 # ---- local disk cleanup -------------------------------------------------------------------------
 
-async def evictable(conn: AsyncConnection, accessed_before: datetime | None = None) -> Sequence[Row[Any]]:
-    """Local files whose verified cloud copy exists, least recently accessed first."""
+async def evictable(conn: AsyncConnection, node: uuid.UUID,
+                    accessed_before: datetime | None = None) -> Sequence[Row[Any]]:
+    """Files on this node's disk whose verified cloud copy exists, least recently accessed first."""
     query = (sa.select(files.c.id, files.c.blob_id, files.c.size)
-             .where(files.c.local.is_(True), files.c.cloud_state == "stored")
+             .where(files.c.node == node, files.c.cloud_state == "stored")
              .order_by(files.c.accessed_at, files.c.id))
     if accessed_before is not None:
         query = query.where(files.c.accessed_at < accessed_before)
     return (await conn.execute(query)).all()
 
 
-async def mark_evicted(conn: AsyncConnection, file_id: uuid.UUID, blob_id: uuid.UUID) -> bool:
-    """local = false, only while the row still holds that blob and its cloud copy is stored."""
+async def mark_evicted(conn: AsyncConnection, file_id: uuid.UUID, blob_id: uuid.UUID, node: uuid.UUID) -> bool:
+    """No local copy any more, only while the row still holds that blob on this node and its cloud
+    copy is stored."""
     result = await conn.execute(
         sa.update(files)
         .where(files.c.id == file_id, files.c.blob_id == blob_id, files.c.cloud_state == "stored",
-               files.c.local.is_(True))
-        .values(local=False))
+               files.c.node == node)
+        .values(node=None))
     return result.rowcount == 1
 
 
-async def local_state(conn: AsyncConnection) -> Sequence[Row[Any]]:
+async def local_state(conn: AsyncConnection, node: uuid.UUID) -> Sequence[Row[Any]]:
+    """Rows whose blob this node's disk holds, or held until an eviction (node NULL)."""
     return (await conn.execute(
-        sa.select(files.c.id, files.c.blob_id, files.c.local, files.c.cloud_state))).all()
+        sa.select(files.c.id, files.c.blob_id, files.c.node, files.c.cloud_state)
+        .where(sa.or_(files.c.node == node, files.c.node.is_(None))))).all()
 
 
 async def record_access(conn: AsyncConnection, seen: dict[uuid.UUID, datetime]) -> None:
@@ -396,3 +413,17 @@ async def record_access(conn: AsyncConnection, seen: dict[uuid.UUID, datetime]) 
                 "FROM unnest(CAST(:ids AS uuid[]), CAST(:ts AS timestamptz[])) AS v(id, t) "
                 "WHERE files.id = v.id"),
         {"ids": list(seen), "ts": list(seen.values())})
+
+
+# ---- audio records ------------------------------------------------------------------------------
+
+async def insert_record(conn: AsyncConnection, file_id: uuid.UUID, duration_ms: int) -> None:
+    await conn.execute(sa.insert(records).values(file_id=file_id, duration_ms=duration_ms))
+
+
+async def record_file(conn: AsyncConnection, file_id: uuid.UUID, user_id: uuid.UUID) -> Row[Any] | None:
+    """The File of a record, only if the record belongs to that user."""
+    result = await conn.execute(
+        sa.select(files).join(records, records.c.file_id == files.c.id)
+        .where(files.c.id == file_id, files.c.owner_id == user_id))
+    return result.first()

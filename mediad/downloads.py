@@ -359,13 +359,16 @@ async def serve_file(request: Request, lookup: dict[str, Any]) -> BlobResponse:
         plan = plan_response(request.method, request.headers, row,
                              request.query_params.get("inline") == "1")
         request.app.state.access.touch(row.id)
-        if row.local:
+        if row.node == storage.node_id:
             path = str(storage.blob_path(row.blob_id))
             fd = await anyio.to_thread.run_sync(_open_blob, path)
             if fd is not None:
                 return BlobResponse(plan, LocalSource(fd, path), row.size, row.format)
         if row.cloud_state == "stored" and store is not None:
             return BlobResponse(plan, CloudSource(store, cloud_key(row.blob_id)), row.size, row.format)
+        if row.node not in (None, storage.node_id):
+            raise ServiceUnavailable("the file is on another mediad node's disk and not in the cloud yet",
+                                     retry_after=5)
         # Replaced, deleted or evicted between the lookup and the open: look again.
     raise ServiceUnavailable("the file's content is not available on this server right now")
 

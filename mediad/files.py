@@ -27,7 +27,8 @@ def rfc3339(moment: datetime | None) -> str | None:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def file_json(row: Row[Any]) -> dict[str, Any]:
+def file_json(row: Row[Any], node: uuid.UUID | None) -> dict[str, Any]:
+    """The File object; `local` says whether this node's disk holds its bytes."""
     return {
         "id": str(row.id),
         "name": row.name,
@@ -39,7 +40,7 @@ def file_json(row: Row[Any]) -> dict[str, Any]:
         "created_at": rfc3339(row.created_at),
         "updated_at": rfc3339(row.updated_at),
         "cloud": {"state": row.cloud_state, "stored_at": rfc3339(row.cloud_stored_at)},
-        "local": row.local,
+        "local": row.node is not None and row.node == node,
     }
 
 
@@ -63,15 +64,16 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         parsed = datetime.fromisoformat(moment)
         if parsed.tzinfo is None:
             raise ValueError("naive time")
-        return parsed, uuid.UUID(file_id)
-    except (ValueError, binascii.Error, UnicodeDecodeError):
+        # In UTC here, so an offset that pushes it past year 1 or 9999 fails now, not in the driver.
+        return parsed.astimezone(UTC), uuid.UUID(file_id)
+    except (ValueError, OverflowError, binascii.Error, UnicodeDecodeError):
         raise Unprocessable("cursor is not one this server returned") from None
 
 
 def parse_limit(text: str | None) -> int:
     if text is None:
         return 100
-    if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_LIMIT:  # "²".isdigit()
         raise Unprocessable(f"limit must be an integer from 1 to {MAX_LIMIT}")
     return int(text)
 
@@ -88,7 +90,8 @@ async def list_(request: Request) -> JSONResponse:
         rows = await db.list_files(conn, owner_id, prefix=prefix, after=after, limit=limit + 1)
     page = rows[:limit]
     next_cursor = encode_cursor(page[-1]) if len(rows) > limit else None
-    return JSONResponse({"files": [file_json(r) for r in page], "next_cursor": next_cursor})
+    node = request.app.state.storage.node_id
+    return JSONResponse({"files": [file_json(r, node) for r in page], "next_cursor": next_cursor})
 
 
 async def show(request: Request) -> JSONResponse:
@@ -98,7 +101,7 @@ async def show(request: Request) -> JSONResponse:
         row = await db.get_file(conn, owner_id, file_id)
     if row is None:
         raise NotFound("no such file")
-    return JSONResponse(file_json(row))
+    return JSONResponse(file_json(row, request.app.state.storage.node_id))
 
 
 async def delete(request: Request) -> Response:

@@ -55,10 +55,12 @@ class Storage:
         self.tmp_dir = self.root / "tmp"
         self.durable = durable
         self.min_free_bytes = min_free_bytes
+        self.node_id: uuid.UUID | None = None  # set by prepare()
 
     def prepare(self) -> None:
         for directory in (self.root, self.tmp_dir, self.root / "files"):
             directory.mkdir(parents=True, exist_ok=True)
+        self.node_id = _node_id(self.root / "node-id")
 
     def blob_path(self, blob_id: uuid.UUID) -> Path:
         return self.root / blob_relpath(blob_id)
@@ -139,6 +141,23 @@ def _libc_sync_file_range() -> Callable[[int, int, int], None] | None:
 
 
 _start_writeback = _libc_sync_file_range() or (lambda fd, offset, length: os.fdatasync(fd))
+
+
+def _node_id(path: Path) -> uuid.UUID:
+    """This data dir's identity, created once: rows name the node whose disk holds their blob."""
+    try:
+        return uuid.UUID(path.read_text().strip())
+    except FileNotFoundError:
+        pass
+    candidate = path.with_name(f"{path.name}.{uuid.uuid4().hex}")
+    candidate.write_text(f"{uuid.uuid4()}\n")
+    try:
+        os.link(candidate, path)  # atomic: two processes starting at once agree on one id
+    except FileExistsError:
+        pass
+    finally:
+        candidate.unlink()
+    return uuid.UUID(path.read_text().strip())
 
 
 def _fsync_dir(directory: Path) -> None:

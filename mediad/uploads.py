@@ -97,6 +97,10 @@ def filename_from_disposition(header: str | None) -> str | None:
     """The filename (or RFC 6266 filename*) of a Content-Disposition header."""
     if not header:
         return None
+    try:  # Starlette decodes headers as latin-1; clients that send raw UTF-8 mean UTF-8
+        header = header.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        pass
     message = Message()
     message["content-disposition"] = header
     # RFC 6266 §4.3: filename* wins over the plain fallback wherever it appears; the email
@@ -121,7 +125,7 @@ async def commit_upload(state: State, owner_id: uuid.UUID, blob: Blob, *, name: 
     values = {
         "id": uuid.uuid4(), "owner_id": owner_id, "name": name, "extension": extension_of(name),
         "format": detect_format(blob.head, name), "size": blob.size, "sha256": blob.sha256,
-        "path": path, "blob_id": blob_id,
+        "path": path, "blob_id": blob_id, "node": storage.node_id,
     }
     try:
         await anyio.to_thread.run_sync(storage.commit, blob, blob_id)
@@ -196,6 +200,17 @@ class _FilePart(BaseTarget):
         self.finished = True
 
 
+class _PathField(ValueTarget):
+    """The `path` text field, counting parts: the parser would concatenate a repeated field."""
+
+    def __init__(self) -> None:
+        super().__init__(validator=MaxSizeValidator(_MAX_PATH_CHARS * 4))
+        self.parts = 0
+
+    def on_start(self) -> None:
+        self.parts += 1
+
+
 async def _receive_multipart(request: Request, writer: BlobWriter) -> tuple[str | None, str | None]:
     """Stream the `file` part into `writer`; → (filename, path field)."""
     max_bytes = request.app.state.settings.max_upload_bytes
@@ -206,7 +221,7 @@ async def _receive_multipart(request: Request, writer: BlobWriter) -> tuple[str 
     except ParseFailedException as exc:
         raise BadRequest(f"malformed multipart/form-data: {exc}") from None
     part = _FilePart()
-    path_field = ValueTarget(validator=MaxSizeValidator(_MAX_PATH_CHARS * 4))
+    path_field = _PathField()
     parser.register("file", part)
     parser.register("path", path_field)
 
@@ -224,6 +239,8 @@ async def _receive_multipart(request: Request, writer: BlobWriter) -> tuple[str 
             raise BadRequest(f"malformed multipart/form-data: {exc}") from None
         if part.parts > 1:
             raise BadRequest("the body has more than one part named 'file'")
+        if path_field.parts > 1:
+            raise BadRequest("the body has more than one field named 'path'")
         for data in part.pending:
             await writer.write(data)
         part.pending.clear()
@@ -255,7 +272,7 @@ async def _store(request: Request, owner_id: uuid.UUID, *, multipart: bool, name
     try:
         if multipart:
             filename, path_value = await _receive_multipart(request, writer)
-            path = clean_path(path_value) if path_value else None
+            path = clean_path(path_value) if path_value else path  # the field, else ?path=
             name, path = place(path, filename or name)
         else:
             await _receive_raw(request, writer)
@@ -267,9 +284,9 @@ async def _store(request: Request, owner_id: uuid.UUID, *, multipart: bool, name
         raise
 
 
-def _created(row: Row[Any], replaced: bool) -> JSONResponse:
+def _created(row: Row[Any], replaced: bool, node: uuid.UUID | None) -> JSONResponse:
     status = 200 if replaced else 201
-    return JSONResponse(file_json(row), status_code=status, headers={"Location": f"/files/{row.id}"})
+    return JSONResponse(file_json(row, node), status_code=status, headers={"Location": f"/files/{row.id}"})
 
 
 async def post_files(request: Request) -> JSONResponse:
@@ -283,7 +300,7 @@ async def post_files(request: Request) -> JSONResponse:
     if not multipart:
         place(path, name)  # refuse a nameless or badly named upload before reading its body
     row, replaced = await _store(request, owner_id, multipart=multipart, name=name, path=path)
-    return _created(row, replaced)
+    return _created(row, replaced, request.app.state.storage.node_id)
 
 
 async def put_files(request: Request) -> JSONResponse:
@@ -296,4 +313,4 @@ async def put_files(request: Request) -> JSONResponse:
         request.headers.get("content-disposition"))
     place(path, name)
     row, replaced = await _store(request, owner_id, multipart=False, name=name, path=path)
-    return _created(row, replaced)
+    return _created(row, replaced, request.app.state.storage.node_id)

@@ -211,7 +211,7 @@ async def any_client(any_server: Server) -> AsyncIterator[httpx.AsyncClient]:
 
 
 @pytest.fixture(autouse=True)
-async def _clean_state(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+def _clean_state(request: pytest.FixtureRequest) -> Iterator[None]:
     """Every test that used the session database leaves it empty (and the shared server's disk)."""
     uses = request.fixturenames
     database = request.getfixturevalue("database_url") if {"database_url", "server", "any_server"} & set(uses) else None
@@ -219,7 +219,7 @@ async def _clean_state(request: pytest.FixtureRequest) -> AsyncIterator[None]:
     yield
     if database is None:
         return
-    await _admin(database, "TRUNCATE users, tokens, files, records, cloud_deletions CASCADE")
+    _run(_admin(database, "TRUNCATE users, tokens, files, records, cloud_deletions CASCADE"))
     if shared is not None:
         for path in shared.blob_files() + shared.stray_temp_files():
             path.unlink(missing_ok=True)

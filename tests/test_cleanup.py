@@ -67,13 +67,16 @@ class Scene:
         self.server, self.http, self.user, self.settings = server, http, user, settings
 
     async def rows(self) -> dict[str, Any]:
-        rows = await _sql(self.server.database_url, "SELECT id, blob_id, local, cloud_state FROM files")
+        rows = await _sql(self.server.database_url,
+                         "SELECT id, blob_id, node IS NOT NULL AS local, cloud_state FROM files")
         return {str(r["id"]): r for r in rows}
 
     async def sweep(self, **kwargs: Any) -> Any:
         engine = create_engine(self.server.database_url, self.settings)
         try:
-            return await sweep(engine, Storage(self.server.data_dir), self.settings, **kwargs)
+            storage = Storage(self.server.data_dir)
+            storage.prepare()
+            return await sweep(engine, storage, self.settings, **kwargs)
         finally:
             await engine.dispose()
 

@@ -64,14 +64,17 @@ async def test_cloud_down_then_back_ends_stored(cloud_server: Server, mock_cloud
         created = await http.post("/files?name=a.txt", content=b"hello cloud", headers=user.auth)
         assert created.status_code == 201
         file_id = created.json()["id"]
-        await asyncio.sleep(1.0)
-        conn = await asyncpg.connect(cloud_server.database_url)
-        try:
-            row = await conn.fetchrow("SELECT cloud_state, cloud_attempts, cloud_last_error FROM files")
-        finally:
-            await conn.close()
-        assert row["cloud_state"] == "pending" and row["cloud_attempts"] >= 2
-        assert "503" in row["cloud_last_error"]
+
+        async def retried() -> bool:
+            conn = await asyncpg.connect(cloud_server.database_url)
+            try:
+                row = await conn.fetchrow("SELECT cloud_state, cloud_attempts, cloud_last_error FROM files")
+            finally:
+                await conn.close()
+            assert row["cloud_state"] == "pending"
+            return row["cloud_attempts"] >= 3 and "503" in row["cloud_last_error"]
+
+        await wait_for(retried, what="several failed attempts recorded")
         await mock_cloud.set_faults(fail_rate=0.0)
         await wait_for(lambda: stored(http, user.auth, file_id), timeout=10, what="stored after recovery")
 
@@ -181,7 +184,7 @@ async def test_read_through_after_local_copy_is_gone(cloud_server: Server, mock_
         blob = await blob_id(cloud_server.database_url, created["id"])
         conn = await asyncpg.connect(cloud_server.database_url)
         try:  # what an eviction does: the local copy goes, the row says so
-            await conn.execute("UPDATE files SET local = false WHERE id = $1", uuid.UUID(created["id"]))
+            await conn.execute("UPDATE files SET node = NULL WHERE id = $1", uuid.UUID(created["id"]))
         finally:
             await conn.close()
         (cloud_server.data_dir / "files" / blob.hex[:2] / blob.hex[2:4] / blob.hex).unlink()

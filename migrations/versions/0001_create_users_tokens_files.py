@@ -55,7 +55,7 @@ def upgrade() -> None:
         sa.Column("created_at", TZ, server_default=sa.text("now()"), nullable=False),
         sa.Column("updated_at", TZ, server_default=sa.text("now()"), nullable=False),
         sa.Column("accessed_at", TZ, server_default=sa.text("now()"), nullable=False),
-        sa.Column("local", sa.Boolean(), server_default=sa.text("true"), nullable=False),
+        sa.Column("node", postgresql.UUID(as_uuid=True), nullable=True),
         sa.Column("cloud_state", sa.Text(), server_default="pending", nullable=False),
         sa.Column("cloud_stored_at", TZ, nullable=True),
         sa.Column("cloud_attempts", sa.Integer(), server_default="0", nullable=False),

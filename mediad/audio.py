@@ -1,0 +1,177 @@
+"""Audio records: a WAV upload validated, converted to MP3 off the event loop, kept as a File.
+
+Conversion runs ffmpeg (libmp3lame, VBR -q:a 2 ≈ 190 kbit/s) file to file, so memory stays flat
+however long the recording: pydub's AudioSegment would hold the whole decoded recording in Python
+memory, which is exactly what a long recording must not do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+
+from .config import Settings
+from .errors import ServiceUnavailable, UnsupportedMediaType
+from .storage import Blob
+
+log = logging.getLogger("mediad.audio")
+
+# WAVE format tags (RFC 2361, mmreg.h) that ffmpeg decodes as PCM or float.
+_PCM, _FLOAT, _EXTENSIBLE = 0x0001, 0x0003, 0xFFFE
+_PCM_GUID_TAIL = bytes.fromhex("000000001000800000aa00389b71")
+_MP3_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
+HEADER_BYTES = 64 * 1024  # enough for any sane chunk layout before `data`
+
+
+@dataclass(frozen=True)
+class WavInfo:
+    channels: int
+    sample_rate: int
+    bits: int
+    is_float: bool
+    data_bytes: int
+
+    @property
+    def duration_s(self) -> float:
+        return self.data_bytes / (self.channels * self.sample_rate * (self.bits // 8))
+
+
+def parse_wav_header(head: bytes, file_size: int) -> WavInfo:
+    """Validate a RIFF/WAVE file from its leading bytes; raises 415 saying what is wrong."""
+    if len(head) < 12:
+        raise UnsupportedMediaType("the upload is too short to be a WAV file")
+    if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        raise UnsupportedMediaType("the upload is not a RIFF/WAVE file")
+    offset, fmt = 12, None
+    while offset + 8 <= len(head):
+        chunk_id, size = head[offset:offset + 4], struct.unpack_from("<I", head, offset + 4)[0]
+        body = offset + 8
+        if chunk_id == b"fmt ":
+            if size < 16 or body + 16 > len(head):
+                raise UnsupportedMediaType("the WAV header is truncated (fmt chunk)")
+            fmt = _parse_fmt(head[body:body + size])
+        elif chunk_id == b"data":
+            if fmt is None:
+                raise UnsupportedMediaType("the WAV file has no fmt chunk before its data")
+            available = file_size - body
+            if size == 0 or available <= 0:
+                raise UnsupportedMediaType("the WAV file's data chunk is empty")
+            if size == 0xFFFFFFFF:  # written by a streaming recorder that never knew the length
+                size = available
+            if size > available:
+                raise UnsupportedMediaType(
+                    f"the WAV file is truncated: its data chunk declares {size} bytes, {available} are present")
+            channels, rate, bits, is_float = fmt
+            return WavInfo(channels, rate, bits, is_float, size)
+        offset = body + size + (size & 1)  # chunks are padded to even sizes
+    raise UnsupportedMediaType("the WAV header is truncated: no data chunk found")
+
+
+def _parse_fmt(fmt: bytes) -> tuple[int, int, int, bool]:
+    tag, channels, rate, _, block_align, bits = struct.unpack_from("<HHIIHH", fmt)
+    if tag == _EXTENSIBLE:
+        if len(fmt) < 40:
+            raise UnsupportedMediaType("the WAV header is truncated (extensible fmt chunk)")
+        sub_tag = struct.unpack_from("<H", fmt, 24)[0]
+        if fmt[26:40] != _PCM_GUID_TAIL:
+            raise UnsupportedMediaType("the WAV file uses an unknown sub-format")
+        tag = sub_tag
+    if tag not in (_PCM, _FLOAT):
+        raise UnsupportedMediaType(f"the WAV file is compressed (format tag {tag:#06x}); only PCM and float are supported")
+    if not 1 <= channels <= 32:
+        raise UnsupportedMediaType(f"the WAV file declares {channels} channels")
+    if not 1000 <= rate <= 384000:
+        raise UnsupportedMediaType(f"the WAV file declares a sample rate of {rate} Hz")
+    allowed = (32, 64) if tag == _FLOAT else (8, 16, 24, 32)
+    if bits not in allowed or block_align != channels * bits // 8:
+        raise UnsupportedMediaType(f"the WAV file declares {bits}-bit samples in {block_align}-byte frames")
+    return channels, rate, bits, tag == _FLOAT
+
+
+def mp3_parameters(info: WavInfo) -> tuple[int, int]:
+    """(sample rate, channels) for the MP3: kept where MP3 can carry them; otherwise the nearest
+    higher MP3 rate (48 kHz at most) and a stereo downmix beyond two channels."""
+    rate = next((r for r in _MP3_RATES if r >= info.sample_rate), _MP3_RATES[-1])
+    return rate, min(info.channels, 2)
+
+
+def ffmpeg_executable(settings: Settings) -> str:
+    if settings.ffmpeg:
+        return settings.ffmpeg
+    import imageio_ffmpeg
+
+    return str(imageio_ffmpeg.get_ffmpeg_exe())
+
+
+class Transcoder:
+    """Runs at most `audio_workers` conversions at once; others wait, then get 503."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.executable = ffmpeg_executable(settings)
+        self.slots = asyncio.Semaphore(settings.audio_workers)
+        self.queue_timeout_s = settings.audio_queue_timeout_s
+        self.timeout_s = settings.audio_timeout_s
+
+    async def to_mp3(self, source: Path, target: Path, info: WavInfo) -> None:
+        """Convert `source` (validated WAV) to `target`; on any failure `target` does not exist."""
+        try:
+            await asyncio.wait_for(self.slots.acquire(), self.queue_timeout_s)
+        except TimeoutError:
+            raise ServiceUnavailable("all audio converters are busy; retry shortly",
+                                     retry_after=max(1, int(self.queue_timeout_s))) from None
+        try:
+            await self._run(source, target, info)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(lambda: target.unlink(missing_ok=True))
+            raise
+        finally:
+            self.slots.release()
+
+    async def _run(self, source: Path, target: Path, info: WavInfo) -> None:
+        rate, channels = mp3_parameters(info)
+        process = await asyncio.create_subprocess_exec(
+            self.executable, "-nostdin", "-hide_banner", "-loglevel", "error", "-xerror",
+            "-f", "wav", "-i", str(source), "-map", "0:a:0", "-vn",
+            "-c:a", "libmp3lame", "-q:a", "2", "-ar", str(rate), "-ac", str(channels),
+            "-f", "mp3", "-y", str(target),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE)
+        try:
+            _, stderr = await asyncio.wait_for(process.communicate(), self.timeout_s)
+        except BaseException as exc:  # timed out, or the request was cancelled: stop ffmpeg
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            with anyio.CancelScope(shield=True):
+                await process.wait()
+            if isinstance(exc, TimeoutError):
+                raise ServiceUnavailable(f"the conversion took longer than {self.timeout_s:.0f} s") from None
+            raise
+        if process.returncode != 0:
+            message = stderr.decode(errors="replace").strip().splitlines()[-1:] or ["unknown error"]
+            log.info("ffmpeg refused a WAV: %s", message[0])
+            raise UnsupportedMediaType(f"the WAV file does not decode: {message[0][:200]}")
+
+
+def finish_blob(path: Path, durable: bool) -> Blob:
+    """Hash, size and fsync a finished conversion so it can be committed like any upload."""
+    digest = hashlib.sha256()
+    size = 0
+    head = b""
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            if not head:
+                head = chunk[:8192]
+            digest.update(chunk)
+            size += len(chunk)
+        if durable:
+            os.fsync(file.fileno())
+    return Blob(path, size, digest.hexdigest(), head)
