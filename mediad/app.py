@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import auth, downloads, files, uploads
+from . import audio, auth, downloads, files, uploads
 from .cleanup import AccessTracker, cleanup_loop
 from .cloud import CloudError, ObjectStore, Replicator
 from .config import Settings
@@ -49,6 +49,7 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
         app.state.engine = engine
         app.state.store = app.state.replicator = app.state.last_cleanup = None
         app.state.access = AccessTracker()
+        app.state.transcoder = audio.Transcoder(settings)
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(engine.dispose)
             stack.push_async_callback(_flush_quietly, app.state.access, engine)
@@ -78,6 +79,8 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
         Route("/files/{file_id}/content", downloads.content, methods=["GET", "HEAD"]),
         Route("/download", downloads.download, methods=["GET", "HEAD"]),
         Route("/usage", files.usage, methods=["GET"]),
+        Route("/records", audio.post_records, methods=["POST"]),
+        Route("/record", audio.get_record, methods=["GET", "HEAD"]),
     ]
     return Starlette(
         routes=routes,

@@ -13,14 +13,25 @@ import hashlib
 import logging
 import os
 import struct
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
+from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncConnection
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
+from . import db
+from .auth import authenticate, user_for_token
 from .config import Settings
-from .errors import ServiceUnavailable, UnsupportedMediaType
+from .downloads import serve_file
+from .errors import BadRequest, NotFound, ServiceUnavailable, Unauthorized, Unprocessable, UnsupportedMediaType
+from .files import file_json, parse_file_id
 from .storage import Blob
+from .uploads import clean_name, commit_upload, receive_multipart
 
 log = logging.getLogger("mediad.audio")
 
@@ -175,3 +186,71 @@ def finish_blob(path: Path, durable: bool) -> Blob:
         if durable:
             os.fsync(file.fileno())
     return Blob(path, size, digest.hexdigest(), head)
+
+
+# ---- HTTP ---------------------------------------------------------------------------------------
+
+def _read_head(path: Path) -> bytes:
+    with open(path, "rb") as file:
+        return file.read(HEADER_BYTES)
+
+
+async def _form_identity(request: Request, fields: dict[str, str]) -> uuid.UUID:
+    """Simple clients identify with form fields `user` (id) and `token` instead of a header."""
+    user, token = fields.get("user"), fields.get("token")
+    if not user or not token:
+        raise Unauthorized("a bearer token, or the form fields user and token, are required")
+    owner = await user_for_token(request.app.state.engine, token)
+    if str(owner) != user.strip().lower():
+        raise Unauthorized("the token does not belong to that user")
+    return owner
+
+
+def _record_name(filename: str | None) -> str:
+    stem = os.path.splitext(clean_name(filename))[0] if filename else ""
+    return f"{stem or 'record'}.mp3"
+
+
+async def post_records(request: Request) -> JSONResponse:
+    state = request.app.state
+    content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if content_type != "multipart/form-data":
+        raise BadRequest("POST /records takes multipart/form-data with the WAV in a part named 'file'")
+    owner = await authenticate(request) if "authorization" in request.headers else None
+    writer = state.storage.open_writer(state.settings.max_upload_bytes)
+    mp3 = state.storage.temp_path(uuid.uuid4())
+    try:
+        filename, fields = await receive_multipart(request, writer, fields=("user", "token"))
+        owner = owner or await _form_identity(request, fields)
+        wav = await writer.finish()
+        info = parse_wav_header(await anyio.to_thread.run_sync(_read_head, wav.temp_path), wav.size)
+        await state.transcoder.to_mp3(wav.temp_path, mp3, info)
+        blob = await anyio.to_thread.run_sync(finish_blob, mp3, state.storage.durable)
+
+        async def record(conn: AsyncConnection, row: Row[Any]) -> None:
+            await db.insert_record(conn, row.id, round(info.duration_s * 1000))
+
+        row, _ = await commit_upload(state, owner, blob, name=_record_name(filename), path=None, also=record)
+    finally:
+        await writer.abort()  # the WAV is never kept
+        await anyio.to_thread.run_sync(lambda: mp3.unlink(missing_ok=True))
+    url = f"{state.settings.base_url}/record?id={row.id}&user={owner}"
+    return JSONResponse({"id": str(row.id), "user": str(owner), "url": url,
+                         "file": file_json(row, state.storage.node_id)},
+                        status_code=201, headers={"Location": f"/files/{row.id}"})
+
+
+async def get_record(request: Request) -> Response:
+    """The MP3 behind a record link: no token, the random record id is the capability."""
+    params = request.query_params
+    if "id" not in params or "user" not in params:
+        raise Unprocessable("a record link needs ?id= and &user=")
+    file_id, user_id = parse_file_id(params["id"]), parse_file_id(params["user"])
+
+    async def fetch(conn: AsyncConnection) -> Row[Any]:
+        row = await db.record_file(conn, file_id, user_id)
+        if row is None:
+            raise NotFound("no such record")
+        return row
+
+    return await serve_file(request, fetch)

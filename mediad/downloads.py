@@ -13,7 +13,7 @@ import os
 import re
 import secrets
 import unicodedata
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -21,6 +21,7 @@ from urllib.parse import quote
 
 import anyio
 from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.datastructures import Headers, QueryParams
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
@@ -344,18 +345,31 @@ def _open_blob(path: os.PathLike[str] | str) -> int | None:
         return None
 
 
-async def serve_file(request: Request, lookup: dict[str, Any]) -> BlobResponse:
-    """Answer GET/HEAD for the caller's File selected by `lookup` (id= or path=)."""
-    engine, storage, store = request.app.state.engine, request.app.state.storage, request.app.state.store
+Fetch = Callable[[AsyncConnection], Awaitable[Row[Any]]]
+
+
+def owned_by_bearer(request: Request, lookup: dict[str, Any]) -> Fetch:
+    """The caller's File selected by `lookup` (file_id= or path=): token check and lookup in one
+    query; 401 for an unknown token, 404 for a file that is not the caller's."""
     digest = _bearer(request)
-    for _ in range(3):
-        async with engine.connect() as conn:
-            found = await db.file_for_token(conn, digest, **lookup)
+
+    async def fetch(conn: AsyncConnection) -> Row[Any]:
+        found = await db.file_for_token(conn, digest, **lookup)
         if found is None:
             raise Unauthorized("unknown token")
-        row = found
-        if row.id is None:  # the token is valid; the file is not the caller's or does not exist
+        if found.id is None:  # the token is valid; the file is not the caller's or does not exist
             raise NotFound("no such file")
+        return found
+
+    return fetch
+
+
+async def serve_file(request: Request, fetch: Fetch) -> BlobResponse:
+    """Answer GET/HEAD for the File `fetch` finds: from this node's disk, else the cloud copy."""
+    engine, storage, store = request.app.state.engine, request.app.state.storage, request.app.state.store
+    for _ in range(3):
+        async with engine.connect() as conn:
+            row = await fetch(conn)
         plan = plan_response(request.method, request.headers, row,
                              request.query_params.get("inline") == "1")
         request.app.state.access.touch(row.id)
@@ -379,7 +393,7 @@ async def content(request: Request) -> BlobResponse:
     except NotFound:
         await authenticate(request)  # a missing or unknown token is 401 first, as on every route
         raise
-    return await serve_file(request, {"file_id": file_id})
+    return await serve_file(request, owned_by_bearer(request, {"file_id": file_id}))
 
 
 def _download_lookup(params: QueryParams) -> dict[str, Any]:
@@ -399,5 +413,5 @@ async def download(request: Request) -> BlobResponse:
     except MediaError:
         await authenticate(request)  # a missing or unknown token is 401 first, as on every route
         raise
-    return await serve_file(request, lookup)
+    return await serve_file(request, owned_by_bearer(request, lookup))
 

@@ -7,7 +7,7 @@ import os
 import re
 import unicodedata
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from email.message import Message
 from email.utils import collapse_rfc2231_value
 from typing import Any
@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 import filetype
 from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.datastructures import State
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
@@ -115,8 +116,9 @@ def filename_from_disposition(header: str | None) -> str | None:
 
 # ---- committing ---------------------------------------------------------------------------------
 
-async def commit_upload(state: State, owner_id: uuid.UUID, blob: Blob, *, name: str,
-                        path: str | None) -> tuple[Row[Any], bool]:
+async def commit_upload(state: State, owner_id: uuid.UUID, blob: Blob, *, name: str, path: str | None,
+                        also: Callable[[AsyncConnection, Row[Any]], Awaitable[None]] | None = None
+                        ) -> tuple[Row[Any], bool]:
     """Turn a finished temp file into a File: into place durably, then the row (insert or replace
     at `path`). Returns the row and whether it replaced an existing file. The one path every kind
     of upload takes; on any failure the blob is gone and no row was written."""
@@ -136,6 +138,8 @@ async def commit_upload(state: State, owner_id: uuid.UUID, blob: Blob, *, name: 
     try:
         async with state.engine.begin() as conn:
             row, displaced = await db.put_file(conn, values)
+            if also is not None:  # more rows that stand or fall with this File (a record)
+                await also(conn, row)
             if displaced is not None:  # the old content's cloud copy goes too, with retries
                 await db.queue_deletion(conn, cloud_key(displaced))
     except BaseException:
@@ -200,8 +204,8 @@ class _FilePart(BaseTarget):
         self.finished = True
 
 
-class _PathField(ValueTarget):
-    """The `path` text field, counting parts: the parser would concatenate a repeated field."""
+class _TextField(ValueTarget):
+    """A small text field, counting parts: the parser would concatenate a repeated field."""
 
     def __init__(self) -> None:
         super().__init__(validator=MaxSizeValidator(_MAX_PATH_CHARS * 4))
@@ -211,8 +215,9 @@ class _PathField(ValueTarget):
         self.parts += 1
 
 
-async def _receive_multipart(request: Request, writer: BlobWriter) -> tuple[str | None, str | None]:
-    """Stream the `file` part into `writer`; → (filename, path field)."""
+async def receive_multipart(request: Request, writer: BlobWriter,
+                            fields: tuple[str, ...] = ("path",)) -> tuple[str | None, dict[str, str]]:
+    """Stream the one `file` part into `writer`; → (its filename, the text `fields` present)."""
     max_bytes = request.app.state.settings.max_upload_bytes
     _check_declared(request, max_bytes + MULTIPART_ENVELOPE, "multipart body")
     try:
@@ -221,9 +226,10 @@ async def _receive_multipart(request: Request, writer: BlobWriter) -> tuple[str 
     except ParseFailedException as exc:
         raise BadRequest(f"malformed multipart/form-data: {exc}") from None
     part = _FilePart()
-    path_field = _PathField()
+    texts = {name: _TextField() for name in fields}
     parser.register("file", part)
-    parser.register("path", path_field)
+    for name, target in texts.items():
+        parser.register(name, target)
 
     # The parser does not notice a body cut off before its closing delimiter: watch for it.
     seen_closing, tail, received = False, b"", 0
@@ -234,13 +240,14 @@ async def _receive_multipart(request: Request, writer: BlobWriter) -> tuple[str 
         try:
             parser.data_received(chunk)
         except ValidationError:
-            raise Unprocessable("the path field is too long") from None
+            raise Unprocessable(f"a text field ({', '.join(fields)}) is too long") from None
         except (ParseFailedException, UnicodeDecodeError) as exc:  # part headers must be UTF-8
             raise BadRequest(f"malformed multipart/form-data: {exc}") from None
         if part.parts > 1:
             raise BadRequest("the body has more than one part named 'file'")
-        if path_field.parts > 1:
-            raise BadRequest("the body has more than one field named 'path'")
+        for name, target in texts.items():
+            if target.parts > 1:
+                raise BadRequest(f"the body has more than one field named {name!r}")
         for data in part.pending:
             await writer.write(data)
         part.pending.clear()
@@ -252,11 +259,14 @@ async def _receive_multipart(request: Request, writer: BlobWriter) -> tuple[str 
         raise BadRequest("the multipart body has no part named 'file'")
     if not seen_closing or not part.finished:
         raise BadRequest("the multipart body ended before its closing boundary")
-    try:
-        path = path_field.value.decode("utf-8") if path_field.value else None
-    except UnicodeDecodeError:
-        raise Unprocessable("the path field is not valid UTF-8") from None
-    return part.multipart_filename, path
+    values = {}
+    for name, target in texts.items():
+        if target.parts:
+            try:
+                values[name] = target.value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise Unprocessable(f"the {name} field is not valid UTF-8") from None
+    return part.multipart_filename, values
 
 
 async def _receive_raw(request: Request, writer: BlobWriter) -> None:
@@ -271,7 +281,8 @@ async def _store(request: Request, owner_id: uuid.UUID, *, multipart: bool, name
     writer = state.storage.open_writer(state.settings.max_upload_bytes)
     try:
         if multipart:
-            filename, path_value = await _receive_multipart(request, writer)
+            filename, values = await receive_multipart(request, writer)
+            path_value = values.get("path")
             path = clean_path(path_value) if path_value else path  # the field, else ?path=
             name, path = place(path, filename or name)
         else:
