@@ -102,7 +102,7 @@ async def authenticate(request: Request) -> uuid.UUID:
     token = token.strip()
     if scheme.lower() != "bearer" or not token or len(token) > 256:
         raise Unauthorized("malformed Authorization header: expected Bearer <token>")
-    return await user_for_token(request.app.state.engine, token)
+    return await user_for_token(request.app.state.reader, token)
 
 
 async def user_for_token(engine: AsyncEngine, token: str) -> uuid.UUID:
@@ -138,7 +138,7 @@ async def login(request: Request) -> JSONResponse:
     if not isinstance(name, str) or not isinstance(password, str):
         raise Unprocessable("name and password are required strings")
     name_key = unicodedata.normalize("NFC", name).casefold()
-    async with request.app.state.engine.connect() as conn:
+    async with request.app.state.reader.connect() as conn:
         user = await db.user_by_name_key(conn, name_key)
     encoded = user.password_hash if user is not None and user.password_hash else _DUMMY_HASH
     ok = await anyio.to_thread.run_sync(verify_password, password[:1024], encoded)

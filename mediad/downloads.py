@@ -366,9 +366,9 @@ def owned_by_bearer(request: Request, lookup: dict[str, Any]) -> Fetch:
 
 async def serve_file(request: Request, fetch: Fetch) -> BlobResponse:
     """Answer GET/HEAD for the File `fetch` finds: from this node's disk, else the cloud copy."""
-    engine, storage, store = request.app.state.engine, request.app.state.storage, request.app.state.store
+    reader, storage, store = request.app.state.reader, request.app.state.storage, request.app.state.store
     for _ in range(3):
-        async with engine.connect() as conn:
+        async with reader.connect() as conn:
             row = await fetch(conn)
         plan = plan_response(request.method, request.headers, row,
                              request.query_params.get("inline") == "1")

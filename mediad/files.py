@@ -86,7 +86,7 @@ async def list_(request: Request) -> JSONResponse:
     if prefix is not None and not prefix.startswith("/"):
         raise Unprocessable("prefix must be an absolute path (start with /)")
     after = decode_cursor(params["cursor"]) if params.get("cursor") else None
-    async with request.app.state.engine.connect() as conn:
+    async with request.app.state.reader.connect() as conn:
         rows = await db.list_files(conn, owner_id, prefix=prefix, after=after, limit=limit + 1)
     page = rows[:limit]
     next_cursor = encode_cursor(page[-1]) if len(rows) > limit else None
@@ -97,7 +97,7 @@ async def list_(request: Request) -> JSONResponse:
 async def show(request: Request) -> JSONResponse:
     owner_id = await authenticate(request)
     file_id = parse_file_id(request.path_params["file_id"])
-    async with request.app.state.engine.connect() as conn:
+    async with request.app.state.reader.connect() as conn:
         row = await db.get_file(conn, owner_id, file_id)
     if row is None:
         raise NotFound("no such file")
@@ -121,6 +121,6 @@ async def delete(request: Request) -> Response:
 
 async def usage(request: Request) -> JSONResponse:
     owner_id = await authenticate(request)
-    async with request.app.state.engine.connect() as conn:
+    async with request.app.state.reader.connect() as conn:
         count, total = await db.usage(conn, owner_id)
     return JSONResponse({"files": count, "bytes": total})

@@ -201,7 +201,7 @@ class BlobWriter:
         self._queue: queue.SimpleQueue[list[bytes] | None] = queue.SimpleQueue()
         self._done = self._loop.create_future()
         self._closed = False
-        self._error: OSError | None = None
+        self._error: BaseException | None = None
         self._sha256 = ""
         self._thread = threading.Thread(target=self._run, name="mediad-writer", daemon=True)
         self._thread.start()
@@ -249,13 +249,21 @@ class BlobWriter:
             self._queue.put(None)
         await asyncio.shield(self._done)
 
-    def _mapped_error(self) -> Exception:
+    def _mapped_error(self) -> BaseException:
         assert self._error is not None
         if is_disk_full(self._error):
             return InsufficientStorage("the server's disk is full")
         return self._error
 
     def _run(self) -> None:
+        try:
+            self._write_batches()
+        except BaseException as exc:  # whatever happens, the waiting upload must hear of it
+            self._error = exc
+        finally:
+            self._call_loop(self._set_done)
+
+    def _write_batches(self) -> None:
         hasher = hashlib.sha256()
         durable = self._storage.durable
         fd = -1
@@ -274,7 +282,7 @@ class BlobWriter:
                     if durable and written - flushed >= _WRITEBACK_EVERY:
                         _start_writeback(fd, flushed, written - flushed)
                         flushed = written
-            except OSError as exc:
+            except Exception as exc:  # keep draining, so the event loop side never blocks on a slot
                 self._error = exc
             finally:
                 self._call_loop(self._slots.release)
@@ -287,7 +295,6 @@ class BlobWriter:
             if fd >= 0:
                 os.close(fd)
         self._sha256 = hasher.hexdigest()
-        self._call_loop(self._set_done)
 
     def _set_done(self) -> None:
         if not self._done.done():
