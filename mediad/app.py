@@ -56,10 +56,16 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(engine.dispose)
             stack.push_async_callback(_flush_quietly, app.state.access, engine)
-            if settings.cloud_url:
+            if settings.cloud_url or settings.s3_bucket:
                 http = await stack.enter_async_context(httpx.AsyncClient(
                     timeout=httpx.Timeout(60, connect=5), limits=httpx.Limits(max_connections=64)))
-                app.state.store = ObjectStore(http, settings.cloud_url, settings.cloud_token)
+                if settings.s3_bucket:
+                    from .s3 import S3Store
+
+                    app.state.store = S3Store(http, settings)
+                else:
+                    assert settings.cloud_url is not None
+                    app.state.store = ObjectStore(http, settings.cloud_url, settings.cloud_token)
                 app.state.replicator = Replicator(engine, storage, app.state.store, settings)
                 replication = asyncio.create_task(app.state.replicator.run(), name="replication")
                 stack.push_async_callback(_stop, replication)

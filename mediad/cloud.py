@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Protocol
 
 import anyio
 import httpx
@@ -59,6 +60,22 @@ async def _file_chunks(path: Path, size: int) -> AsyncIterator[bytes]:
             yield chunk
     finally:
         os.close(fd)
+
+
+class Store(Protocol):
+    """What replication and read-through need of an object store (mock cloud API, or S3)."""
+
+    async def put(self, key: str, path: Path, size: int, sha256: str) -> str:
+        """Stream the file up; return the sha256 of what the store now holds (verified)."""
+
+    async def delete(self, key: str) -> None:
+        """Remove the object; absent is fine."""
+
+    def read(self, key: str, start: int, end: int) -> AsyncIterator[bytes]:
+        """Bytes [start, end), streamed; raise CloudError rather than end short."""
+
+    async def ping(self) -> float:
+        """Seconds for one round trip."""
 
 
 class ObjectStore:
@@ -133,7 +150,7 @@ class ObjectStore:
 class Replicator:
     """Workers pushing committed files to the store, and a poller that keeps the queue honest."""
 
-    def __init__(self, engine: AsyncEngine, storage: Storage, store: ObjectStore, settings: Settings) -> None:
+    def __init__(self, engine: AsyncEngine, storage: Storage, store: Store, settings: Settings) -> None:
         self.engine = engine
         self.storage = storage
         self.store = store

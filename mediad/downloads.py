@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
 from . import db
-from .cloud import CloudError, ObjectStore, cloud_key
+from .cloud import CloudError, Store, cloud_key
 from .auth import authenticate, token_hash
 from .errors import MediaError, NotFound, PreconditionFailed, RangeNotSatisfiable, ServiceUnavailable
 from .errors import Unauthorized, Unprocessable
@@ -259,7 +259,7 @@ class CloudSource:
 
     path: str | None = None
 
-    def __init__(self, store: ObjectStore, key: str) -> None:
+    def __init__(self, store: Store, key: str) -> None:
         self.store = store
         self.key = key
 
