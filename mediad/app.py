@@ -20,13 +20,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import audio, auth, downloads, files, uploads
+from . import audio, auth, downloads, files, openapi, tus, uploads
 from .cleanup import AccessTracker, cleanup_loop
 from .cloud import CloudError, ObjectStore, Replicator
 from .config import Settings
 from .db import create_engine
 from .errors import MediaError, error_response, problem
 from .logs import AccessLogMiddleware
+from .metrics import Metrics, MetricsMiddleware, metrics_endpoint
 from .storage import Storage
 
 log = logging.getLogger("mediad")
@@ -37,6 +38,7 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
     url = database_url or settings.database_url
     if not url:
         raise ValueError("no database URL: start the embedded PostgreSQL or set MEDIAD_DATABASE_URL")
+    metrics = Metrics()  # a registry per app: several apps in one process do not clash
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -52,7 +54,9 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
         app.state.reader = engine.execution_options(isolation_level="AUTOCOMMIT")
         app.state.store = app.state.replicator = app.state.last_cleanup = None
         app.state.access = AccessTracker()
+        app.state.metrics = metrics
         app.state.transcoder = audio.Transcoder(settings)
+        app.state.tus_hashers = {}  # upload id → (offset, sha256 so far) while an upload is live
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(engine.dispose)
             stack.push_async_callback(_flush_quietly, app.state.access, engine)
@@ -78,6 +82,8 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
     routes = [
         Route("/health", health),
         Route("/ping/all", ping_all),
+        Route("/metrics", metrics_endpoint),
+        *openapi.routes(),
         Route("/users", auth.create_user, methods=["POST"]),
         Route("/auth/login", auth.login, methods=["POST"]),
         Route("/files", uploads.post_files, methods=["POST"]),
@@ -89,11 +95,17 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
         Route("/download", downloads.download, methods=["GET", "HEAD"]),
         Route("/usage", files.usage, methods=["GET"]),
         Route("/records", audio.post_records, methods=["POST"]),
+        Route("/uploads", tus.options, methods=["OPTIONS"]),
+        Route("/uploads", tus.create, methods=["POST"]),
+        Route("/uploads/{upload_id}", tus.head, methods=["HEAD"]),  # before GET, which implies HEAD
+        Route("/uploads/{upload_id}", tus.status, methods=["GET"]),
+        Route("/uploads/{upload_id}", tus.patch, methods=["PATCH"]),
+        Route("/uploads/{upload_id}", tus.terminate, methods=["DELETE"]),
         Route("/record", audio.get_record, methods=["GET", "HEAD"]),
     ]
     return Starlette(
         routes=routes,
-        middleware=[Middleware(AccessLogMiddleware)],
+        middleware=[Middleware(AccessLogMiddleware), Middleware(MetricsMiddleware, metrics)],
         exception_handlers={
             MediaError: _media_error,
             HTTPException: _http_error,

@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from . import db
 from .config import Settings
 from .storage import Storage
+from .tus import sweep_uploads
 
 log = logging.getLogger("mediad.cleanup")
 
@@ -41,6 +42,7 @@ class Report:
     evicted_bytes: int = 0
     temp_removed: int = 0
     orphans_removed: int = 0
+    uploads_removed: int = 0  # expired tus uploads and stray partial files
     missing: list[str] = field(default_factory=list)  # data loss: no local file, no cloud copy
     disk_used_fraction: float = 0.0
     pressure_unrelieved: bool = False
@@ -176,6 +178,11 @@ async def _pass(engine: AsyncEngine, storage: Storage, settings: Settings, repor
             log.error("disk is %.0f%% full and only %d of %d bytes could be evicted: the rest is not "
                       "in the cloud yet", usage.used_fraction * 100, freed, wanted)
 
+    # Expired resumable uploads, and partial files nobody owns.
+    actions = await sweep_uploads(engine, storage, dry_run=report.dry_run, older_than=time.time() - settings.cleanup_grace_s)
+    report.uploads_removed = len(actions)
+    report.actions.extend(actions)
+
     # 3 and 4. Leftovers on disk, and rows whose bytes are nowhere.
     async with engine.connect() as conn:
         rows = await db.local_state(conn, node)
@@ -264,5 +271,6 @@ async def cleanup_loop(engine: AsyncEngine, storage: Storage, settings: Settings
                 report = await sweep(engine, storage, settings)
                 if report.skipped is None:
                     state.last_cleanup = report
+                    state.metrics.observe_cleanup(report)
         except Exception as exc:  # the database may be down: try again next time
             log.warning("cleanup loop: %s", exc.__class__.__name__, extra={"error": str(exc)[:300]})

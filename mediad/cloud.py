@@ -160,6 +160,7 @@ class Replicator:
         self._deletions_due = asyncio.Event()
         assert storage.node_id is not None, "storage.prepare() first"
         self.node = storage.node_id
+        self.push_failures = 0  # since start; GET /metrics reads it
 
     def enqueue(self, file_id: uuid.UUID) -> None:
         if file_id not in self._queued:
@@ -210,6 +211,7 @@ class Replicator:
             if reported != claim.sha256:
                 raise CloudError(f"PUT {key}: the cloud stored sha256 {reported[:16]}…, ours is {claim.sha256[:16]}…")
         except (CloudError, OSError) as exc:
+            self.push_failures += 1
             delay = retry_delay(claim.cloud_attempts, settings.cloud_retry_base_s, settings.cloud_retry_cap_s)
             log.warning("push of %s failed (attempt %d), retrying in %.1fs: %s", file_id,
                         claim.cloud_attempts + 1, delay, exc)

@@ -96,6 +96,27 @@ records = sa.Table(
     sa.Column("duration_ms", sa.BigInteger, nullable=False),
 )
 
+uploads = sa.Table(
+    "uploads",
+    metadata,
+    # tus uploads in progress (and finished ones until they expire).
+    sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("owner_id", UUID(as_uuid=True), sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("length", sa.BigInteger, nullable=False),
+    # Bytes durable in the partial file: written only after they are fsynced.
+    sa.Column("offset", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("path", sa.Text),
+    # The node whose data dir holds the partial file.
+    sa.Column("node", UUID(as_uuid=True), nullable=False),
+    sa.Column("created_at", TZ, nullable=False, server_default=sa.func.now()),
+    sa.Column("expires_at", TZ, nullable=False, index=True),
+    # A PATCH's claim on the upload, across processes; lapses if its holder dies.
+    sa.Column("lock_until", TZ),
+    sa.Column("file_id", UUID(as_uuid=True), sa.ForeignKey("files.id", ondelete="SET NULL")),
+    sa.CheckConstraint('"offset" >= 0 AND "offset" <= length', name="offset"),
+)
+
 cloud_deletions = sa.Table(
     "cloud_deletions",
     metadata,

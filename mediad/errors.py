@@ -9,6 +9,7 @@ from typing import ClassVar
 from starlette.responses import JSONResponse
 
 PROBLEM_TYPE_BASE = "https://mediad.dev/problems/"
+_TITLES = {460: "Checksum Mismatch"}
 
 
 class MediaError(Exception):
@@ -42,6 +43,14 @@ class NotFound(MediaError):
 
 class Conflict(MediaError):
     status, slug = 409, "conflict"
+
+
+class Locked(MediaError):
+    status, slug = 423, "locked"
+
+
+class ChecksumMismatch(MediaError):
+    status, slug = 460, "checksum-mismatch"  # tus checksum extension
 
 
 class PreconditionFailed(MediaError):
@@ -82,7 +91,7 @@ class InsufficientStorage(MediaError):
 def problem(status: int, detail: str, slug: str | None = None,
             headers: Mapping[str, str] | None = None) -> JSONResponse:
     """An application/problem+json response (RFC 9457)."""
-    phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
+    phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else _TITLES.get(status, "Error")
     body = {
         "type": PROBLEM_TYPE_BASE + (slug or phrase.lower().replace(" ", "-")),
         "title": phrase,

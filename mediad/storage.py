@@ -58,7 +58,7 @@ class Storage:
         self.node_id: uuid.UUID | None = None  # set by prepare()
 
     def prepare(self) -> None:
-        for directory in (self.root, self.tmp_dir, self.root / "files"):
+        for directory in (self.root, self.tmp_dir, self.root / "files", self.root / "uploads"):
             directory.mkdir(parents=True, exist_ok=True)
         self.node_id = _node_id(self.root / "node-id")
 

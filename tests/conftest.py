@@ -95,6 +95,10 @@ class Server:
     def stray_temp_files(self) -> list[Path]:
         return sorted((self.data_dir / "tmp").glob("*"))
 
+    def partial_files(self) -> list[Path]:
+        """Partial files of resumable uploads."""
+        return sorted((self.data_dir / "uploads").glob("*"))
+
     def blob_files(self) -> list[Path]:
         return sorted(p for p in (self.data_dir / "files").rglob("*") if p.is_file())
 
@@ -219,9 +223,9 @@ def _clean_state(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     if database is None:
         return
-    _run(_admin(database, "TRUNCATE users, tokens, files, records, cloud_deletions CASCADE"))
+    _run(_admin(database, "TRUNCATE users, tokens, files, records, uploads, cloud_deletions CASCADE"))
     if shared is not None:
-        for path in shared.blob_files() + shared.stray_temp_files():
+        for path in shared.blob_files() + shared.stray_temp_files() + shared.partial_files():
             path.unlink(missing_ok=True)
 
 

@@ -1,0 +1,206 @@
+"""Prometheus metrics: one registry per app, a middleware that measures requests, GET /metrics.
+
+What only the request path sees (requests, durations, bytes, uploads in flight) is counted as
+requests pass. What the database and the disk know (the replication backlog, free space) is read
+when Prometheus scrapes, with one indexed query and one statvfs, so a restart or a second
+instance on the same database never makes those numbers drift.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import anyio
+import sqlalchemy as sa
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Mount
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import db
+from .cleanup import Report, disk_usage
+
+# Uploads run longer than API calls: buckets up to half an hour.
+_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_UPLOAD_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_UPLOAD_ROUTES = ("/files", "/records")  # plus everything under /uploads (tus)
+_DOWNLOAD_ROUTES = frozenset({"/files/{file_id}/content", "/download", "/record"})
+_CONVERTOR = re.compile(r"{([^}:]+):[^}]+}")
+_SCRAPE_TIMEOUT_S = 2.0
+
+# The replication backlog in one query on ix_files_cloud_due (cloud_state leads it): stored rows,
+# the bulk of the table, are never read. updated_at is when the row last became pending (insert
+# or replace).
+_BACKLOG = (
+    sa.select(db.files.c.cloud_state, sa.func.count(),
+              sa.func.extract("epoch", sa.func.now() - sa.func.min(db.files.c.updated_at)))
+    .where(db.files.c.cloud_state.in_(("pending", "failed")))
+    .group_by(db.files.c.cloud_state)
+)
+
+
+def route_template(scope: Scope) -> str:
+    """The matched route's path template (`/files/{file_id}`): a bounded label, unlike the path."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    if path is None:
+        return "unmatched"
+    path = _CONVERTOR.sub(r"{\1}", path)
+    return f"{path}/{{path}}" if isinstance(route, Mount) else path or "/"
+
+
+def _is_upload(method: str, route: str) -> bool:
+    return method in _UPLOAD_METHODS and (route in _UPLOAD_ROUTES or route.startswith("/uploads"))
+
+
+class Metrics:
+    """The app's metrics. Registered on its own registry as a collector too, for the values that
+    are read at scrape time rather than counted."""
+
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter("mediad_http_requests", "HTTP requests answered, by route template, "
+                                "method and status.", ["route", "method", "status"], registry=registry)
+        self.duration = Histogram("mediad_http_request_duration_seconds", "Time from a request's "
+                                  "arrival to the end of its response.", ["route", "method"],
+                                  buckets=_BUCKETS, registry=registry)
+        self.uploaded = Counter("mediad_uploaded_bytes", "Request body bytes received by upload routes "
+                                "(POST/PUT /files, POST /records, /uploads).", registry=registry)
+        self.downloaded = Counter("mediad_downloaded_bytes", "File bytes sent by download routes "
+                                  "(/files/{id}/content, /download, /record).", registry=registry)
+        self.uploads_in_flight = Gauge("mediad_uploads_in_flight", "Uploads whose body is being "
+                                       "received now.", registry=registry)
+        self.evicted_files = Counter("mediad_cleanup_evicted_files", "Local copies removed by cleanup "
+                                     "because the cloud holds them.", registry=registry)
+        self.freed_bytes = Counter("mediad_cleanup_freed_bytes", "Local disk bytes freed by cleanup "
+                                   "evictions.", registry=registry)
+        self.swept_files = Counter("mediad_cleanup_removed_files", "Abandoned temp files and orphan "
+                                   "blobs removed by cleanup.", ["kind"], registry=registry)
+        for kind in ("temp", "orphan"):
+            self.swept_files.labels(kind)
+        self._scraped: dict[str, Any] = {}
+        registry.register(self)
+
+    def observe_cleanup(self, report: Report) -> None:
+        """Add one finished cleanup pass (the lifespan loop calls this)."""
+        if report.dry_run:
+            return
+        self.evicted_files.inc(report.evicted_files)
+        self.freed_bytes.inc(report.evicted_bytes)
+        self.swept_files.labels("temp").inc(report.temp_removed)
+        self.swept_files.labels("orphan").inc(report.orphans_removed)
+
+    async def refresh(self, state: Any) -> None:
+        """Read what is measured at scrape time: the replication backlog, the disk, push failures."""
+        scraped: dict[str, Any] = {"database_up": 0, "backlog": {}}
+        try:
+            with anyio.fail_after(_SCRAPE_TIMEOUT_S):
+                async with state.reader.connect() as conn:
+                    rows = (await conn.execute(_BACKLOG)).all()
+            scraped["backlog"] = {row[0]: (int(row[1]), float(row[2] or 0.0)) for row in rows}
+            scraped["database_up"] = 1
+        except Exception:  # a scrape must answer even when the database does not
+            pass
+        usage = await anyio.to_thread.run_sync(disk_usage, state.storage)
+        scraped["disk"] = (usage.total - usage.free, usage.free)
+        replicator = state.replicator
+        scraped["push_failures"] = replicator.push_failures if replicator is not None else 0
+        self._scraped = scraped
+
+    def collect(self) -> Iterable[Metric]:
+        scraped = self._scraped
+        if not scraped:
+            return
+        yield GaugeMetricFamily("mediad_database_up", "1 when the database answered this scrape's query.",
+                                value=scraped["database_up"])
+        if scraped["database_up"]:
+            pending, oldest = scraped["backlog"].get("pending", (0, 0.0))
+            yield GaugeMetricFamily("mediad_cloud_queue_depth", "Files waiting for their cloud copy "
+                                    "(state pending), in the whole database.", value=pending)
+            yield GaugeMetricFamily("mediad_cloud_queue_oldest_age_seconds", "How long the oldest "
+                                    "pending file has waited for its cloud copy; 0 when none.", value=oldest)
+            yield GaugeMetricFamily("mediad_cloud_failed_files", "Files whose cloud push gave up "
+                                    "(state failed; `mediad cloud retry` requeues them).",
+                                    value=scraped["backlog"].get("failed", (0, 0.0))[0])
+        yield CounterMetricFamily("mediad_cloud_push_failures", "Failed pushes to the cloud since "
+                                  "start (each is retried with backoff).", value=scraped["push_failures"])
+        used, free = scraped["disk"]
+        yield GaugeMetricFamily("mediad_disk_used_bytes", "Bytes used on the data dir's filesystem.",
+                                value=used)
+        yield GaugeMetricFamily("mediad_disk_free_bytes", "Bytes available to mediad on the data dir's "
+                                "filesystem.", value=free)
+
+
+class MetricsMiddleware:
+    """Counts every HTTP request by route template, method and status, with its duration, and the
+    file bytes that upload and download routes move."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        metrics = self.metrics
+        started = time.perf_counter()
+        method = scope["method"] if scope["method"] in _METHODS else "other"
+        status = 0
+        upload: bool | None = None  # decided at the first read of the body, after routing
+        download = False
+        length = 0
+
+        async def counting_receive() -> Message:
+            nonlocal upload
+            if upload is None:
+                upload = _is_upload(method, route_template(scope))
+                if upload:
+                    metrics.uploads_in_flight.inc()
+            message = await receive()
+            if upload and message.get("body"):
+                metrics.uploaded.inc(len(message["body"]))
+            return message
+
+        async def counting_send(message: Message) -> None:
+            nonlocal status, download, length
+            kind = message["type"]
+            if kind == "http.response.start":
+                status = message["status"]
+                download = method == "GET" and route_template(scope) in _DOWNLOAD_ROUTES
+                if download:
+                    length = next((int(value) for name, value in message.get("headers", ())
+                                   if name.lower() == b"content-length" and value.isdigit()), 0)
+            elif download and kind == "http.response.body" and message.get("body"):
+                metrics.downloaded.inc(len(message["body"]))
+            elif download and kind == "http.response.pathsend":  # Granian sends the file itself
+                metrics.downloaded.inc(length)
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, counting_send)
+        except BaseException:
+            status = status or 500  # ServerErrorMiddleware answers 500 outside us
+            raise
+        finally:
+            if upload:
+                metrics.uploads_in_flight.dec()
+            route = route_template(scope)
+            metrics.requests.labels(route, method, str(status)).inc()
+            metrics.duration.labels(route, method).observe(time.perf_counter() - started)
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    """Prometheus text format (or OpenMetrics when the scraper asks for it)."""
+    metrics: Metrics = request.app.state.metrics
+    await metrics.refresh(request.app.state)
+    encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+    return Response(encoder(metrics.registry), media_type=content_type,
+                    headers={"Cache-Control": "no-store"})

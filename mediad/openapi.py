@@ -1,0 +1,457 @@
+"""The HTTP contract as an OpenAPI 3.1 document (GET /openapi.json) and its reader (GET /docs).
+
+The document is written out here rather than derived from the handlers: it is the contract of
+API.md, which the handlers follow, and tests check that every route the app registers is in it.
+The docs page is Swagger UI, whose assets come from the swagger-ui-py wheel and are served by
+mediad itself, so the page works offline and behind a firewall.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from . import __version__
+from .errors import PROBLEM_TYPE_BASE
+
+Schema = dict[str, Any]
+
+_DOCS_DIR = Path(__file__).parent / "docs"
+
+
+def _ref(kind: str, name: str) -> Schema:
+    return {"$ref": f"#/components/{kind}/{name}"}
+
+
+# ---- errors: one reusable response per status ---------------------------------------------------
+
+_PROBLEMS: dict[int, tuple[str, dict[str, str]]] = {
+    400: ("Malformed request: bad JSON, multipart or header.", {}),
+    401: ("Missing or unknown bearer token.", {"WWW-Authenticate": "Bearer realm=\"mediad\""}),
+    403: ("Expired or altered signed link.", {}),
+    404: ("No such resource for this caller (another user's file is indistinguishable from a missing one).",
+          {}),
+    409: ("Conflict with the current state (name taken, wrong tus offset, upload complete).", {}),
+    412: ("A precondition does not hold (If-Match, If-Unmodified-Since; tus: missing Tus-Resumable).",
+          {"Tus-Version": "Sent by /uploads: the tus versions supported."}),
+    413: ("Over MEDIAD_MAX_UPLOAD_BYTES: refused from the declared length before the body is read, or "
+          "as soon as the body grows past it.", {}),
+    415: ("Unsupported content: not a WAV that decodes (/records), wrong Content-Type (tus PATCH).", {}),
+    416: ("No requested range overlaps the file.", {"Content-Range": "`bytes */<size>`"}),
+    422: ("Well-formed but invalid fields (name, path, limit, cursor, password…).", {}),
+    423: ("Another PATCH holds this upload; retry when it is done.", {}),
+    460: ("tus checksum mismatch: the chunk was discarded and the offset is unchanged.", {}),
+    503: ("The database (or the node holding the bytes) is unavailable; retry after Retry-After.",
+          {"Retry-After": "Seconds to wait before retrying."}),
+    507: ("Disk full, or the upload would leave less than MEDIAD_MIN_FREE_BYTES free.", {}),
+}
+
+
+def _problem_response(status: int) -> Schema:
+    description, headers = _PROBLEMS[status]
+    response: Schema = {"description": description,
+                        "content": {"application/problem+json": {"schema": _ref("schemas", "Problem")}}}
+    if headers:
+        response["headers"] = {name: {"description": text, "schema": {"type": "string"}}
+                               for name, text in headers.items()}
+    return response
+
+
+def _errors(*statuses: int) -> Schema:
+    found = {str(s): _ref("responses", f"Problem{s}") for s in statuses}
+    found["default"] = _ref("responses", "ProblemDefault")
+    return found
+
+
+# ---- schemas -------------------------------------------------------------------------------------
+
+_UUID: Schema = {"type": "string", "format": "uuid"}
+_TIME: Schema = {"type": "string", "format": "date-time", "examples": ["2026-11-23T07:00:00Z"]}
+_BINARY: Schema = {"type": "string", "format": "binary"}
+_COUNT: Schema = {"type": "integer", "minimum": 0}
+_TEXT: Schema = {"type": "string"}
+
+
+def _object(properties: Schema, required: list[str] | None = None, description: str = "") -> Schema:
+    """A JSON object; every property is required unless `required` says otherwise."""
+    schema: Schema = {"type": "object", "required": list(properties) if required is None else required,
+                      "properties": properties}
+    if description:
+        schema["description"] = description
+    return schema
+
+
+def _described(schema: Schema, description: str) -> Schema:
+    return {**schema, "description": description}
+
+
+_SCHEMAS: dict[str, Schema] = {
+    "Problem": _object({
+        "type": {"type": "string", "format": "uri", "examples": [PROBLEM_TYPE_BASE + "payload-too-large"]},
+        "title": {"type": "string", "examples": ["Content Too Large"]},
+        "status": {"type": "integer", "minimum": 400, "maximum": 599},
+        "detail": _described(_TEXT, "A human sentence saying what was wrong."),
+    }, description="RFC 9457 problem details: the shape of every error."),
+    "File": _object({
+        "id": _UUID,
+        "name": {"type": "string", "examples": ["Отчёт за май.mp4"], "description":
+                 "The client's file name (NFC, last path component); metadata only."},
+        "extension": _described(_TEXT, "Lower case, no dot; empty if none."),
+        "format": {"type": "string", "examples": ["video/mp4"], "description":
+                   "MIME type sniffed from the leading bytes, then the extension, then "
+                   "application/octet-stream; the client's declared type is not trusted."},
+        "size": _COUNT,
+        "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+        "path": {"type": ["string", "null"], "examples": ["/videos/Отчёт за май.mp4"],
+                 "description": "Virtual path in the owner's tree, or null."},
+        "created_at": _TIME,
+        "updated_at": _TIME,
+        "cloud": _object({"state": {"enum": ["pending", "stored", "failed"]},
+                          "stored_at": {**_TIME, "type": ["string", "null"]}}),
+        "local": {"type": "boolean", "description": "Whether this server's disk holds a copy."},
+    }),
+    "FileList": _object({
+        "files": {"type": "array", "items": _ref("schemas", "File")},
+        "next_cursor": {"type": ["string", "null"],
+                        "description": "Pass as ?cursor= for the next page; null on the last one."},
+    }),
+    "Usage": _object({"files": _COUNT, "bytes": _COUNT}),
+    "NewUser": _object({
+        "name": {"type": "string", "minLength": 1, "maxLength": 64,
+                 "description": "Unique case-insensitively; no control characters."},
+        "password": {"type": "string", "minLength": 8,
+                     "description": "Optional: without one, the token returned is the only credential."},
+    }, required=["name"]),
+    "User": _object({"id": _UUID, "name": _TEXT,
+                     "token": _described(_TEXT, "The bearer token, shown this once.")}),
+    "Login": _object({"name": _TEXT, "password": _TEXT}),
+    "Token": _object({"token": _TEXT, "token_type": {"const": "bearer"}}),
+    "Record": _object({
+        "id": _described(_UUID, "The record's id, which is its File's id."),
+        "user": _UUID,
+        "url": {"type": "string", "format": "uri",
+                "description": "`<public base>/record?id=<id>&user=<user id>`; it needs no token."},
+        "file": _ref("schemas", "File"),
+    }),
+    "Upload": _object({
+        "id": _UUID, "offset": _COUNT, "length": _COUNT, "expires_at": _TIME,
+        "file_id": {**_UUID, "type": ["string", "null"],
+                    "description": "The File made from the finished upload, else null."},
+    }),
+    "Health": _object({"status": {"const": "ok"}}),
+    "Ping": _object({
+        "db": _described({"type": "number"}, "Milliseconds."),
+        "storage": _described({"type": "number"}, "Milliseconds."),
+        "cloud": _described({"type": ["number", "null"]},
+                            "Milliseconds; null when no cloud is configured or it does not answer."),
+        "disk_pressure": _described({"type": "boolean"}, "The last cleanup pass could not bring the disk "
+                                    "under MEDIAD_DISK_HIGH_WATER."),
+    }, required=["db", "storage", "cloud"]),
+}
+
+
+# ---- parameters, bodies, responses --------------------------------------------------------------
+
+def _param(name: str, where: str, description: str, schema: Schema | None = None, *,
+           required: bool = False) -> Schema:
+    return {"name": name, "in": where, "description": description,
+            "required": required or where == "path", "schema": schema or _TEXT}
+
+
+def _json(schema: Schema) -> Schema:
+    return {"application/json": {"schema": schema}}
+
+
+def _body(content: Schema, description: str = "", required: bool = True) -> Schema:
+    return {"description": description, "required": required, "content": content}
+
+
+def _ok(description: str, schema: Schema | None = None, headers: dict[str, str] | None = None) -> Schema:
+    response: Schema = {"description": description}
+    if schema is not None:
+        response["content"] = _json(schema)
+    if headers:
+        response["headers"] = {name: {"description": text, "schema": _TEXT} for name, text in headers.items()}
+    return response
+
+
+def _op(summary: str, responses: Schema, *, description: str = "", params: list[Schema] | None = None,
+        body: Schema | None = None, security: list[Schema] | None = None, tag: str = "files") -> Schema:
+    operation: Schema = {"summary": summary, "tags": [tag], "responses": responses}
+    if description:
+        operation["description"] = description
+    if params:
+        operation["parameters"] = params
+    if body is not None:
+        operation["requestBody"] = body
+    if security is not None:
+        operation["security"] = security
+    return operation
+
+
+_PUBLIC: list[Schema] = []  # no token
+_FILE = _ref("schemas", "File")
+_LOCATION = {"Location": "`/files/{id}`"}
+_FILE_ID = _param("file_id", "path", "The File's id.", _UUID)
+_UPLOAD_ID = _param("upload_id", "path", "The upload's id (from the Location of POST /uploads).", _UUID)
+_RAW_BODY: Schema = {"*/*": {"schema": _BINARY}}
+_OFFSET_STREAM: Schema = {"application/offset+octet-stream": {"schema": _BINARY}}
+_TUS_RESUMABLE = _param("Tus-Resumable", "header", "The protocol version, 1.0.0 (else 412).",
+                        {"const": "1.0.0"}, required=True)
+_CHECKSUM = "`<sha1|sha256|md5> <base64 digest>` of this chunk."
+
+_DOWNLOAD_PARAMS = [
+    _param("inline", "query", "1: `Content-Disposition: inline`, for players and previews.",
+           {"enum": ["0", "1"]}),
+    _param("Range", "header", "`bytes=a-b`, `a-`, `-n`, or several; a malformed one is ignored (200)."),
+    _param("If-Range", "header", "An ETag or date: the range applies only while it matches."),
+    _param("If-None-Match", "header", "304 when the ETag matches."),
+    _param("If-Modified-Since", "header", "304 when not modified since."),
+    _param("If-Match", "header", "412 when the ETag does not match."),
+    _param("If-Unmodified-Since", "header", "412 when modified since."),
+]
+_BYTES_HEADERS = {
+    "ETag": "Strong: `\"<sha256>\"`.",
+    "Last-Modified": "HTTP date.",
+    "Accept-Ranges": "`bytes`.",
+    "Content-Length": "Bytes in this answer.",
+    "Content-Disposition": "`attachment` (or `inline`) with an ASCII `filename` and an RFC 8187 `filename*`.",
+}
+_BYTES = {"*/*": {"schema": _BINARY}}
+_BYTES_RESPONSES: Schema = {
+    "200": {**_ok("The whole file; Content-Type is the File's format.", headers=_BYTES_HEADERS),
+            "content": _BYTES},
+    "206": {**_ok("The requested range (with Content-Range), or several as multipart/byteranges.",
+                  headers={**_BYTES_HEADERS, "Content-Range": "`bytes a-b/size`, for a single range."}),
+            "content": {**_BYTES, "multipart/byteranges": {"schema": _BINARY}}},
+    "304": _ok("Not modified (If-None-Match, If-Modified-Since).", headers={"ETag": "As for 200."}),
+}
+
+
+def _download(summary: str, extra: list[Schema], errors: Schema, security: list[Schema] | None = None,
+              description: str = "") -> Schema:
+    """GET (the bytes) and HEAD (the same headers, no body) of a download route."""
+    params = [*extra, *_DOWNLOAD_PARAMS]
+    get = _op(summary, {**_BYTES_RESPONSES, **errors}, params=params, security=security,
+              description=description)
+    # Ranges are defined for GET only (RFC 9110 §14.2): HEAD describes the full 200, never a 416.
+    head_errors = {status: response for status, response in errors.items() if status != "416"}
+    head = _op(summary + " (headers only)",
+               {"200": _ok("The headers a GET would send.", headers=_BYTES_HEADERS),
+                "304": _BYTES_RESPONSES["304"], **head_errors}, params=params, security=security)
+    return {"get": get, "head": head}
+
+
+# ---- the paths ----------------------------------------------------------------------------------
+
+_USERS: dict[str, Schema] = {
+    "/users": {"post": _op(
+        "Create a user",
+        {"201": _ok("Created; the token is shown this once.", _ref("schemas", "User"),
+                    {"Location": "`/users/{id}`"}),
+         **_errors(400, 409, 422, 503)},
+        body=_body(_json(_ref("schemas", "NewUser"))), security=_PUBLIC, tag="users")},
+    "/auth/login": {"post": _op(
+        "Get a new token for a name and password",
+        {"200": _ok("A new token.", _ref("schemas", "Token")), **_errors(400, 401, 422, 503)},
+        body=_body(_json(_ref("schemas", "Login"))), security=_PUBLIC, tag="users")},
+}
+
+_UPLOAD_RESPONSES: Schema = {
+    "201": _ok("Created.", _FILE, _LOCATION),
+    "200": _ok("Replaced the caller's file at that path (same id, new content).", _FILE, _LOCATION),
+    **_errors(400, 401, 413, 422, 503, 507),
+}
+
+_FILES: dict[str, Schema] = {
+    "/files": {
+        "post": _op(
+            "Upload a file", _UPLOAD_RESPONSES,
+            description="`multipart/form-data` with exactly one file part named `file` and an optional "
+                        "text field `path`; or any other content type, the raw body being the file, named "
+                        "by `?name=` or a `Content-Disposition` request header. Streamed: memory stays "
+                        "flat. A failed or aborted upload leaves no row and no file.",
+            params=[_param("name", "query", "The file name, for a raw body."),
+                    _param("path", "query", "A virtual path; ending in / makes it a folder."),
+                    _param("Content-Disposition", "header",
+                           "`attachment; filename*=UTF-8''…` names a raw body.")],
+            body=_body({"multipart/form-data": {"schema": _object({
+                "file": _described(_BINARY, "Exactly one part named file; its filename names the File."),
+                "path": _described(_TEXT, "Optional virtual path (a folder if it ends in /)."),
+            }, required=["file"])}, **_RAW_BODY})),
+        "put": _op(
+            "Upload a raw body to a virtual path", _UPLOAD_RESPONSES,
+            params=[_param("path", "query", "`/dir/name.ext`, or a folder ending in /.", required=True),
+                    _param("name", "query", "The file name, when the path is a folder.")],
+            body=_body(_RAW_BODY)),
+        "get": _op(
+            "List the caller's files, newest first",
+            {"200": _ok("One page.", _ref("schemas", "FileList")), **_errors(401, 422, 503)},
+            description="Ordered by `created_at`, then `id`, descending: stable across pages.",
+            params=[_param("prefix", "query", "Only paths that start with this (absolute)."),
+                    _param("limit", "query", "Page size.",
+                           {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}),
+                    _param("cursor", "query", "The `next_cursor` of the previous page.")]),
+    },
+    "/files/{file_id}": {
+        "parameters": [_FILE_ID],
+        "get": _op("A File's metadata", {"200": _ok("The File.", _FILE), **_errors(401, 404, 503)}),
+        "delete": _op("Delete a file", {
+            "204": _ok("Deleted: the row, the local bytes and (asynchronously, with retries) the cloud "
+                       "copy."),
+            **_errors(401, 404, 503)}),
+    },
+    "/files/{file_id}/content": {
+        "parameters": [_FILE_ID],
+        **_download("Download a file's bytes", [], _errors(401, 404, 412, 416, 503),
+                    description="A file whose local copy was evicted is streamed from the cloud copy, "
+                                "with the same headers and ranges."),
+    },
+    "/download": _download("Download by id or by virtual path", [
+        _param("id", "query", "The File's id (give exactly one of id and path).", _UUID),
+        _param("path", "query", "The File's virtual path.")], _errors(401, 404, 412, 416, 422, 503)),
+    "/usage": {"get": _op("The caller's file count and bytes", {
+        "200": _ok("Usage.", _ref("schemas", "Usage")), **_errors(401, 503)})},
+}
+
+_RECORDS: dict[str, Schema] = {
+    "/records": {"post": _op(
+        "Upload a WAV recording, stored as MP3",
+        {"201": _ok("Created.", _ref("schemas", "Record"), _LOCATION),
+         **_errors(400, 401, 413, 415, 422, 503, 507)},
+        description="The caller is identified by the bearer token or by the form fields `user` and "
+                    "`token`. The WAV is validated (else 415) and converted to MP3 (`audio/mpeg`, named "
+                    "`<stem>.mp3`).",
+        body=_body({"multipart/form-data": {"schema": _object({
+            "file": {**_BINARY, "contentMediaType": "audio/wav"},
+            "user": _described(_UUID, "Without a bearer token: the user's id…"),
+            "token": _described(_TEXT, "…and that user's token."),
+        }, required=["file"])}}),
+        security=[{"bearer": []}, {}], tag="records")},
+    "/record": _download("Play or download a record's MP3 (no token: the record id is the capability)", [
+        _param("id", "query", "The record id.", _UUID, required=True),
+        _param("user", "query", "The owner's user id.", _UUID, required=True)],
+        _errors(404, 412, 416, 422, 503), _PUBLIC),
+}
+for _operation in ("get", "head"):
+    _RECORDS["/record"][_operation]["tags"] = ["records"]
+
+_TUS_HEADERS = {"Tus-Resumable": "`1.0.0`"}
+_UPLOADS: dict[str, Schema] = {
+    "/uploads": {
+        "options": _op("tus discovery", {"204": _ok("What this server supports.", headers={
+            "Tus-Version": "`1.0.0`",
+            "Tus-Extension": "`creation,creation-with-upload,termination,checksum,expiration`",
+            "Tus-Max-Size": "MEDIAD_MAX_UPLOAD_BYTES.",
+            "Tus-Checksum-Algorithm": "`sha1,sha256,md5`"})}, security=_PUBLIC, tag="uploads"),
+        "post": _op(
+            "Create a resumable upload (tus creation, creation-with-upload)",
+            {"201": _ok("Created.", headers={
+                "Location": "`/uploads/{id}`", "Upload-Expires": "HTTP date.",
+                "Upload-Offset": "When a first chunk came with the request.",
+                "Mediad-File-Id": "When that chunk completed the upload.", **_TUS_HEADERS}),
+             **_errors(400, 401, 412, 413, 415, 422, 460, 503, 507)},
+            params=[_TUS_RESUMABLE,
+                    _param("Upload-Length", "header", "Total bytes.", _COUNT, required=True),
+                    _param("Upload-Metadata", "header", "`filename <base64>` (required), `path <base64>` "
+                           "(optional); `filetype` is ignored.", required=True),
+                    _param("Upload-Checksum", "header", _CHECKSUM)],
+            body=_body(_OFFSET_STREAM, "An optional first chunk.", required=False), tag="uploads"),
+    },
+    "/uploads/{upload_id}": {
+        "parameters": [_UPLOAD_ID],
+        "head": _op("Where an upload stands", {"200": _ok("Offset and length.", headers={
+            "Upload-Offset": "Bytes acknowledged (durable).", "Upload-Length": "Total bytes.",
+            "Upload-Expires": "HTTP date.", "Cache-Control": "`no-store`", **_TUS_HEADERS}),
+            **_errors(401, 404, 412, 503)}, params=[_TUS_RESUMABLE], tag="uploads"),
+        "get": _op("An upload, as JSON", {"200": _ok("The upload.", _ref("schemas", "Upload")),
+                                          **_errors(401, 404, 503)}, tag="uploads"),
+        "patch": _op(
+            "Append a chunk",
+            {"204": _ok("Appended.", headers={"Upload-Offset": "The new offset.",
+                                              "Mediad-File-Id": "When this chunk completed the upload.",
+                                              **_TUS_HEADERS}),
+             **_errors(400, 401, 404, 409, 412, 413, 415, 423, 460, 503, 507)},
+            description="`Upload-Offset` must equal the current offset (else 409). The PATCH that "
+                        "completes the upload turns it into a File exactly as POST /files would.",
+            params=[_TUS_RESUMABLE,
+                    _param("Upload-Offset", "header", "The current offset.", _COUNT, required=True),
+                    _param("Upload-Checksum", "header", _CHECKSUM)],
+            body=_body(_OFFSET_STREAM), tag="uploads"),
+        "delete": _op("Cancel an upload (tus termination)", {
+            "204": _ok("Removed, partial bytes included."), **_errors(401, 404, 412, 423, 503)},
+            params=[_TUS_RESUMABLE], tag="uploads"),
+    },
+}
+
+_TEXT_CONTENT = {"schema": _TEXT}
+_SERVICE: dict[str, Schema] = {
+    "/health": {"get": _op("Whether the database answers", {
+        "200": _ok("Healthy.", _ref("schemas", "Health")), **_errors(503)}, security=_PUBLIC, tag="service")},
+    "/ping/all": {"get": _op("Round-trip times of the services behind mediad", {
+        "200": _ok("Milliseconds per service.", _ref("schemas", "Ping")), **_errors(503)},
+        security=_PUBLIC, tag="service")},
+    "/metrics": {"get": _op("Prometheus metrics", {"200": {
+        "description": "The Prometheus text format (OpenMetrics when the scraper asks for it).",
+        "content": {"text/plain": _TEXT_CONTENT, "application/openmetrics-text": _TEXT_CONTENT}}},
+        security=_PUBLIC, tag="service")},
+    "/openapi.json": {"get": _op("This document", {
+        "200": {"description": "OpenAPI 3.1.", "content": _json({"type": "object"})}},
+        security=_PUBLIC, tag="service")},
+    "/docs": {"get": _op("The API docs for people (Swagger UI, served by mediad itself)", {
+        "200": {"description": "An HTML page.", "content": {"text/html": _TEXT_CONTENT}}},
+        security=_PUBLIC, tag="service")},
+}
+
+_PATHS: dict[str, Schema] = {**_USERS, **_FILES, **_RECORDS, **_UPLOADS, **_SERVICE}
+
+
+@functools.cache
+def document() -> Schema:
+    responses = {f"Problem{s}": _problem_response(s) for s in _PROBLEMS}
+    responses["ProblemDefault"] = {
+        "description": "Any other error, such as 500 for an unexpected one (logged, never a stack trace).",
+        "content": {"application/problem+json": {"schema": _ref("schemas", "Problem")}}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "mediad", "version": __version__,
+                 "summary": "Media file service: streaming uploads, range downloads, cloud replication.",
+                 "license": {"name": "MIT", "identifier": "MIT"}},
+        "tags": [{"name": "users"}, {"name": "files"}, {"name": "uploads", "description": "tus 1.0.0"},
+                 {"name": "records"}, {"name": "service"}],
+        "security": [{"bearer": []}],
+        "paths": _PATHS,
+        "components": {
+            "schemas": _SCHEMAS,
+            "responses": responses,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                           "description": "The token from POST /users or POST /auth/login."}},
+        },
+    }
+
+
+@functools.cache
+def _document_bytes() -> bytes:
+    return json.dumps(document(), ensure_ascii=False, separators=(",", ":")).encode()
+
+
+async def openapi_json(request: Request) -> Response:
+    return Response(_document_bytes(), media_type="application/json")
+
+
+async def docs_page(request: Request) -> Response:
+    return FileResponse(_DOCS_DIR / "index.html", media_type="text/html; charset=utf-8")
+
+
+def routes() -> list[BaseRoute]:
+    """/openapi.json, /docs, and /docs/assets: our page's script, then Swagger UI's files."""
+    assets = StaticFiles(packages=[("mediad", "docs"), ("swagger_ui", "static")])
+    return [Route("/openapi.json", openapi_json), Route("/docs", docs_page),
+            Mount("/docs/assets", app=assets, name="docs-assets")]
