@@ -67,6 +67,10 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
                     from .s3 import S3Store
 
                     app.state.store = S3Store(http, settings)
+                    try:
+                        await app.state.store.ensure_bucket()
+                    except CloudError as exc:  # replication retries; the service starts anyway
+                        log.warning("could not check or create the S3 bucket: %s", exc)
                 else:
                     assert settings.cloud_url is not None
                     app.state.store = ObjectStore(http, settings.cloud_url, settings.cloud_token)

@@ -141,5 +141,7 @@ def _check(settings: Settings) -> None:
             raise ConfigError(f"MEDIAD_{name.upper()} is invalid: must be at least 1")
     if settings.cloud_url and not settings.cloud_url.startswith(("http://", "https://")):
         raise ConfigError("MEDIAD_CLOUD_URL is invalid: expected an http:// or https:// URL")
-    if settings.s3_bucket and not settings.s3_endpoint_url:
-        raise ConfigError("MEDIAD_S3_ENDPOINT_URL is required when MEDIAD_S3_BUCKET is set")
+    if settings.s3_bucket:
+        for name in ("s3_endpoint_url", "s3_access_key", "s3_secret_key"):
+            if not getattr(settings, name):
+                raise ConfigError(f"MEDIAD_{name.upper()} is required when MEDIAD_S3_BUCKET is set")

@@ -41,3 +41,12 @@ def test_settings_are_frozen() -> None:
     settings = load_settings({}, env_file=None)
     with pytest.raises(AttributeError):
         settings.port = 1  # type: ignore[misc]
+
+
+def test_an_s3_bucket_needs_its_endpoint_and_keys() -> None:
+    complete = {"MEDIAD_S3_BUCKET": "media", "MEDIAD_S3_ENDPOINT_URL": "http://127.0.0.1:9000",
+                "MEDIAD_S3_ACCESS_KEY": "key", "MEDIAD_S3_SECRET_KEY": "secret"}
+    assert load_settings(complete, env_file=None).s3_bucket == "media"
+    for missing in ("MEDIAD_S3_ENDPOINT_URL", "MEDIAD_S3_ACCESS_KEY", "MEDIAD_S3_SECRET_KEY"):
+        with pytest.raises(ConfigError, match=missing):
+            load_settings({k: v for k, v in complete.items() if k != missing}, env_file=None)
