@@ -8,6 +8,8 @@ instance on the same database never makes those numbers drift.
 
 from __future__ import annotations
 
+import functools
+import logging
 import re
 import time
 from collections.abc import Iterable
@@ -25,6 +27,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import db
 from .cleanup import Report, disk_usage
+
+log = logging.getLogger("mediad.metrics")
 
 # Uploads run longer than API calls: buckets up to half an hour.
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
@@ -50,10 +54,13 @@ def route_template(scope: Scope) -> str:
     """The matched route's path template (`/files/{file_id}`): a bounded label, unlike the path."""
     route = scope.get("route")
     path = getattr(route, "path", None)
-    if path is None:
-        return "unmatched"
-    path = _CONVERTOR.sub(r"{\1}", path)
-    return f"{path}/{{path}}" if isinstance(route, Mount) else path or "/"
+    return "unmatched" if path is None else _template(path, isinstance(route, Mount))
+
+
+@functools.lru_cache(maxsize=256)
+def _template(path: str, mount: bool) -> str:
+    path = _CONVERTOR.sub(r"{\1}", path)  # `{key:path}` → `{key}`, as OpenAPI writes it
+    return f"{path}/{{path}}" if mount else path or "/"
 
 
 def _is_upload(method: str, route: str) -> bool:
@@ -106,8 +113,8 @@ class Metrics:
                     rows = (await conn.execute(_BACKLOG)).all()
             scraped["backlog"] = {row[0]: (int(row[1]), float(row[2] or 0.0)) for row in rows}
             scraped["database_up"] = 1
-        except Exception:  # a scrape must answer even when the database does not
-            pass
+        except Exception as exc:  # a scrape must answer even when the database does not
+            log.warning("metrics: the backlog query failed: %s", exc.__class__.__name__)
         usage = await anyio.to_thread.run_sync(disk_usage, state.storage)
         scraped["disk"] = (usage.total - usage.free, usage.free)
         replicator = state.replicator
@@ -145,6 +152,9 @@ class MetricsMiddleware:
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
+        # (route, method, status) → its counter and histogram children: labels() is the costly part
+        # of recording, and the set of keys is bounded by the routes.
+        self._series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -193,8 +203,13 @@ class MetricsMiddleware:
             if upload:
                 metrics.uploads_in_flight.dec()
             route = route_template(scope)
-            metrics.requests.labels(route, method, str(status)).inc()
-            metrics.duration.labels(route, method).observe(time.perf_counter() - started)
+            series = self._series.get((route, method, status))
+            if series is None:
+                series = self._series[route, method, status] = (
+                    metrics.requests.labels(route, method, str(status)),
+                    metrics.duration.labels(route, method))
+            series[0].inc()
+            series[1].observe(time.perf_counter() - started)
 
 
 async def metrics_endpoint(request: Request) -> Response:

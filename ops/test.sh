@@ -6,8 +6,12 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+# A temp root of this run's own: pytest prunes old /tmp/pytest-of-$USER/pytest-N dirs, which would
+# pull the embedded PostgreSQL of another test run on the same machine from under it.
+basetemp="$(mktemp -d -t mediad-tests.XXXXXX)"
+trap 'rm -rf "$basetemp"' EXIT
 set +e
-.venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest --basetemp="$basetemp/tmp" "$@"
 status=$?
 set -e
 if [ "$status" -eq 5 ]; then
