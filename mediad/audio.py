@@ -28,7 +28,14 @@ from . import db
 from .auth import authenticate, user_for_token
 from .config import Settings
 from .downloads import serve_file
-from .errors import BadRequest, NotFound, ServiceUnavailable, Unauthorized, Unprocessable, UnsupportedMediaType
+from .errors import (
+    BadRequest,
+    NotFound,
+    ServiceUnavailable,
+    Unauthorized,
+    Unprocessable,
+    UnsupportedMediaType,
+)
 from .files import file_json, parse_file_id
 from .storage import Blob
 from .uploads import clean_name, commit_upload, receive_multipart

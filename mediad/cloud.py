@@ -62,6 +62,21 @@ async def _file_chunks(path: Path, size: int) -> AsyncIterator[bytes]:
         os.close(fd)
 
 
+async def ranged_body(response: httpx.Response, key: str, start: int, end: int) -> AsyncIterator[bytes]:
+    """Bytes [start, end) of a ranged GET's open response; CloudError rather than a short body."""
+    if response.status_code == 200 and start > 0:
+        raise CloudError(f"GET {key}: the store ignored the range")
+    received = 0
+    async for chunk in response.aiter_raw(_CHUNK):
+        chunk = chunk[: end - start - received]
+        received += len(chunk)
+        yield chunk
+        if received >= end - start:
+            break
+    if received != end - start:
+        raise CloudError(f"GET {key}: the store sent {received} of {end - start} bytes")
+
+
 class Store(Protocol):
     """What replication and read-through need of an object store (mock cloud API, or S3)."""
 
@@ -118,23 +133,14 @@ class ObjectStore:
         if start >= end:
             return
         headers = {**self.headers, "Range": f"bytes={start}-{end - 1}"}
-        received = 0
         try:
             async with self.http.stream("GET", self._url(key), headers=headers) as response:
                 if response.status_code not in (200, 206):
                     raise CloudError(f"GET {key}: the cloud answered {response.status_code}")
-                if response.status_code == 200 and start > 0:
-                    raise CloudError(f"GET {key}: the cloud ignored the range")
-                async for chunk in response.aiter_raw(_CHUNK):
-                    chunk = chunk[: end - start - received]
-                    received += len(chunk)
+                async for chunk in ranged_body(response, key, start, end):
                     yield chunk
-                    if received >= end - start:
-                        break
         except httpx.HTTPError as exc:
             raise CloudError(f"GET {key}: {exc.__class__.__name__}: {exc}") from exc
-        if received != end - start:
-            raise CloudError(f"GET {key}: the cloud sent {received} of {end - start} bytes")
 
     async def ping(self) -> float:
         started = time.perf_counter()

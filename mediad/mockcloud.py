@@ -52,7 +52,7 @@ from .errors import (
     error_response,
     problem,
 )
-from .storage import Blob, Storage
+from .storage import Blob, Storage, fsync_dir
 
 log = logging.getLogger("mediad.mockcloud")
 
@@ -183,7 +183,7 @@ class _Cloud:
         final = self.sidecar(key)
         if not final.parent.is_dir():
             final.parent.mkdir(exist_ok=True)
-            _fsync_dir(self.objects)
+            fsync_dir(self.objects)
         temp = self.storage.tmp_dir / f"{blob_id.hex}.json.part"
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
         try:
@@ -192,7 +192,7 @@ class _Cloud:
         finally:
             os.close(fd)
         os.replace(temp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         if old is not None:
             self.storage.remove_blob(uuid.UUID(old.blob))
 
@@ -200,19 +200,11 @@ class _Cloud:
         old = self.read_meta(key)
         if old is not None:
             self.sidecar(key).unlink(missing_ok=True)
-            _fsync_dir(self.sidecar(key).parent)
+            fsync_dir(self.sidecar(key).parent)
             self.storage.remove_blob(uuid.UUID(old.blob))
 
     def count_objects(self) -> int:
         return sum(1 for _ in self.objects.glob("*/*.json"))
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---- HTTP ---------------------------------------------------------------------------------------

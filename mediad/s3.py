@@ -33,7 +33,7 @@ from botocore.auth import S3SigV4Auth  # type: ignore[import-untyped]
 from botocore.awsrequest import AWSRequest  # type: ignore[import-untyped]
 from botocore.credentials import Credentials  # type: ignore[import-untyped]
 
-from .cloud import CloudError
+from .cloud import CloudError, ranged_body
 from .config import Settings
 
 log = logging.getLogger("mediad.s3")
@@ -230,24 +230,15 @@ class S3Store:
             return
         url = self._url(key)
         headers = self._signed("GET", url, {"Range": f"bytes={start}-{end - 1}"}, _EMPTY_SHA256)
-        received = 0
         try:
             async with self.http.stream("GET", url, headers=headers) as response:
                 if response.status_code not in (200, 206):
                     await response.aread()
                     raise _failure(f"GET {key}", response)
-                if response.status_code == 200 and start > 0:
-                    raise CloudError(f"GET {key}: S3 ignored the range")
-                async for chunk in response.aiter_raw(_CHUNK):
-                    chunk = chunk[: end - start - received]
-                    received += len(chunk)
+                async for chunk in ranged_body(response, key, start, end):
                     yield chunk
-                    if received >= end - start:
-                        break
         except httpx.HTTPError as exc:
             raise CloudError(f"GET {key}: {exc.__class__.__name__}: {exc}") from exc
-        if received != end - start:
-            raise CloudError(f"GET {key}: S3 sent {received} of {end - start} bytes")
 
     async def ping(self) -> float:
         """Seconds for a HeadBucket, which also proves the credentials and the bucket."""

@@ -88,7 +88,7 @@ class Storage:
         self._makedirs(final.parent)
         os.replace(blob.temp_path, final)
         if self.durable:
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         return final
 
     def remove_blob(self, blob_id: uuid.UUID) -> None:
@@ -119,7 +119,7 @@ class Storage:
         except FileExistsError:
             return
         if self.durable:
-            _fsync_dir(directory.parent)
+            fsync_dir(directory.parent)
 
 
 def _libc_sync_file_range() -> Callable[[int, int, int], None] | None:
@@ -160,7 +160,8 @@ def _node_id(path: Path) -> uuid.UUID:
     return uuid.UUID(path.read_text().strip())
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or create in `directory` durable."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

@@ -30,10 +30,22 @@ from starlette.responses import JSONResponse, Response
 
 from . import db
 from .auth import authenticate
-from .errors import (BadRequest, ChecksumMismatch, Conflict, InsufficientStorage, Locked, MediaError, NotFound,
-                     PayloadTooLarge, PreconditionFailed, ServiceUnavailable, UnsupportedMediaType, error_response)
+from .errors import (
+    BadRequest,
+    ChecksumMismatch,
+    Conflict,
+    InsufficientStorage,
+    Locked,
+    MediaError,
+    NotFound,
+    PayloadTooLarge,
+    PreconditionFailed,
+    ServiceUnavailable,
+    UnsupportedMediaType,
+    error_response,
+)
 from .files import parse_file_id, rfc3339
-from .storage import Blob, Storage, is_disk_full
+from .storage import Blob, Storage, fsync_dir, is_disk_full
 from .uploads import clean_path, commit_upload, place
 
 TUS_VERSION = "1.0.0"
@@ -347,11 +359,7 @@ def _create_partial(storage: Storage, upload_id: uuid.UUID) -> None:
     path.parent.mkdir(exist_ok=True)
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640))
     if storage.durable:
-        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(path.parent)
 
 
 def _remove_partial(storage: Storage, upload_id: uuid.UUID) -> None:

@@ -109,8 +109,7 @@ def asgi_in_thread(app: Any) -> Iterator[str]:
     loop; yields its base URL and shuts it down (lifespan included) afterwards."""
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="on",
                             timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # not main thread
+    server = uvicorn.Server(config)  # off the main thread, uvicorn leaves signal handlers alone
     thread = threading.Thread(target=server.run, name="test-server", daemon=True)
     thread.start()
     for _ in range(1000):

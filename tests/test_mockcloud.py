@@ -4,50 +4,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import hashlib
 import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
-from starlette.types import ASGIApp
+from conftest import asgi_in_thread
 
 from mediad.mockcloud import Faults, add_cli, create_mock_cloud
 
 TOKEN = "test-cloud-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-@contextlib.contextmanager
-def serve_asgi(app: ASGIApp) -> Iterator[str]:
-    """Any ASGI app under uvicorn on an ephemeral loopback port, in a thread; yields its URL."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="on",
-                            timeout_graceful_shutdown=2)
-    server = uvicorn.Server(config)  # off the main thread, uvicorn leaves signal handlers alone
-    thread = threading.Thread(target=server.run, name="mockcloud-test-server", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    if not server.started:
-        raise RuntimeError("mock cloud did not start")
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 @dataclass
@@ -75,7 +51,7 @@ class Cloud:
 @pytest.fixture
 async def cloud(tmp_path: Path) -> AsyncIterator[Cloud]:
     data_dir = tmp_path / "cloud"
-    with serve_asgi(create_mock_cloud(data_dir, TOKEN, Faults(seed=1))) as url:
+    with asgi_in_thread(create_mock_cloud(data_dir, TOKEN, Faults(seed=1))) as url:
         async with httpx.AsyncClient(base_url=url, timeout=30) as http:
             yield Cloud(url, data_dir, http)
 
@@ -196,10 +172,10 @@ async def test_replacing_an_object_keeps_one_copy(cloud: Cloud) -> None:
 
 async def test_objects_survive_a_restart(tmp_path: Path) -> None:
     data_dir, data = tmp_path / "cloud", os.urandom(300_000)
-    with serve_asgi(create_mock_cloud(data_dir, TOKEN, Faults())) as url:
+    with asgi_in_thread(create_mock_cloud(data_dir, TOKEN, Faults())) as url:
         async with httpx.AsyncClient(base_url=url) as http:
             assert (await http.put("/objects/keep/me", content=data, headers=AUTH)).status_code == 201
-    with serve_asgi(create_mock_cloud(data_dir, TOKEN, Faults())) as url:
+    with asgi_in_thread(create_mock_cloud(data_dir, TOKEN, Faults())) as url:
         async with httpx.AsyncClient(base_url=url) as http:
             got = await http.get("/objects/keep/me", headers=AUTH)
             assert got.content == data and got.headers["etag"] == f'"{sha(data)}"'
