@@ -103,7 +103,8 @@ def _parse_fmt(fmt: bytes) -> tuple[int, int, int, bool]:
             raise UnsupportedMediaType("the WAV file uses an unknown sub-format")
         tag = sub_tag
     if tag not in (_PCM, _FLOAT):
-        raise UnsupportedMediaType(f"the WAV file is compressed (format tag {tag:#06x}); only PCM and float are supported")
+        raise UnsupportedMediaType(
+            f"the WAV file is compressed (format tag {tag:#06x}); only PCM and float are supported")
     if not 1 <= channels <= 32:
         raise UnsupportedMediaType(f"the WAV file declares {channels} channels")
     if not 1000 <= rate <= 384000:

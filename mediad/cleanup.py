@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from . import db
 from .config import Settings
 from .storage import Storage
-from .tus import sweep_uploads
+from .tus import release_locks, sweep_uploads
 
 log = logging.getLogger("mediad.cleanup")
 
@@ -179,7 +179,8 @@ async def _pass(engine: AsyncEngine, storage: Storage, settings: Settings, repor
                       "in the cloud yet", usage.used_fraction * 100, freed, wanted)
 
     # Expired resumable uploads, and partial files nobody owns.
-    actions = await sweep_uploads(engine, storage, dry_run=report.dry_run, older_than=time.time() - settings.cleanup_grace_s)
+    actions = await sweep_uploads(engine, storage, dry_run=report.dry_run,
+                                  older_than=time.time() - settings.cleanup_grace_s)
     report.uploads_removed = len(actions)
     report.actions.extend(actions)
 
@@ -256,6 +257,34 @@ def _scan_disk(storage: Storage, known: set[uuid.UUID], older_than: float
             elif os.stat(path).st_mtime < older_than:
                 orphans.append(path)
     return temps, orphans, present
+
+
+async def recover(engine: AsyncEngine, storage: Storage) -> None:
+    """The start-up pass of `mediad serve` (issue 12). When no other live process shares this data
+    dir, what is left in flight there is a dead process's: its temp files (uploads cut by the
+    crash; they have no row), partial files with no upload, the leases on its pushes and the locks
+    of its PATCHes, all released now rather than after their grace, lease or lock time. With a
+    live peer none of it can be told apart from the peer's own work, so it lapses as usual."""
+    if not await anyio.to_thread.run_sync(storage.join):
+        return
+    try:
+        temps = await anyio.to_thread.run_sync(storage.sweep_temp)
+        node = storage.node_id
+        assert node is not None, "storage.prepare() first"
+        try:
+            async with engine.begin() as conn:
+                leases = await db.release_node_pushes(conn, node)
+                locks = await release_locks(conn, node)
+            partials = await sweep_uploads(engine, storage, dry_run=False, older_than=time.time())
+        except Exception as exc:  # the database may be down: leases and locks lapse by themselves
+            log.warning("start-up recovery could not reach the database: %s", exc.__class__.__name__)
+            leases = locks = 0
+            partials = []
+        if temps or leases or locks or partials:
+            log.info("start-up recovery: removed %d temp and %d partial files, released %d push leases "
+                     "and %d upload locks", temps, len(partials), leases, locks)
+    finally:
+        await anyio.to_thread.run_sync(storage.share)
 
 
 async def cleanup_loop(engine: AsyncEngine, storage: Storage, settings: Settings, tracker: AccessTracker,

@@ -12,9 +12,9 @@ import asyncpg
 import httpx
 import imageio_ffmpeg
 import pytest
+from conftest import Server, User, assert_problem, make_settings, make_user, serve_in_thread
 from pydub import AudioSegment
 
-from conftest import Server, User, assert_problem, make_settings, make_user, serve_in_thread
 from mediad.audio import WavInfo, mp3_parameters, parse_wav_header
 from mediad.errors import UnsupportedMediaType
 

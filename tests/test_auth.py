@@ -7,7 +7,6 @@ import hashlib
 import asyncpg
 import httpx
 import pytest
-
 from conftest import Server, assert_problem, make_user
 
 

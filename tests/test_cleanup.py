@@ -19,8 +19,8 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-
 from conftest import MockCloud, Server, User, cloud_settings, make_user, serve_in_thread, wait_for
+
 from mediad.cleanup import DiskUsage, bytes_to_free, sweep
 from mediad.db import create_engine
 from mediad.storage import Storage, blob_relpath
@@ -240,7 +240,8 @@ async def test_real_disk_pressure_on_a_small_tmpfs(database_url: str, tmp_path: 
                                                    mock_cloud: MockCloud) -> None:
     mount = tmp_path / "small"
     mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], check=True)
+    await asyncio.to_thread(subprocess.run, ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)],
+                            check=True)
     try:
         settings = cloud_settings(mount / "data", mock_cloud, cleanup_interval_s=0, disk_high_water=0.5)
         with serve_in_thread(settings, database_url) as running:
@@ -254,4 +255,4 @@ async def test_real_disk_pressure_on_a_small_tmpfs(database_url: str, tmp_path: 
                 stat = os.statvfs(mount)
                 assert 1 - stat.f_bavail / stat.f_blocks < 0.4 + 0.01
     finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+        await asyncio.to_thread(subprocess.run, ["umount", "-l", str(mount)], check=False)

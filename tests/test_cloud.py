@@ -13,10 +13,10 @@ from typing import Any
 
 import asyncpg
 import httpx
-import pytest
-
 from conftest import MockCloud, Server, cloud_settings, make_user, serve_in_thread, wait_for
+
 from mediad.cloud import cloud_key, retry_delay
+
 
 async def file_state(http: httpx.AsyncClient, auth: dict[str, str], file_id: str) -> dict[str, Any]:
     return (await http.get(f"/files/{file_id}", headers=auth)).json()
@@ -106,8 +106,9 @@ async def test_exhausted_attempts_fail_then_cli_retry_stores(
             await wait_for(failed, what="failed")
             await mock_cloud.set_faults(fail_rate=0.0)
             env = {**os.environ, "MEDIAD_DATABASE_URL": database_url}
-            result = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "mediad.cli", "cloud", "retry", "--all"],
-                                             env=env, capture_output=True, text=True, timeout=60)
+            command = [sys.executable, "-m", "mediad.cli", "cloud", "retry", "--all"]
+            result = await asyncio.to_thread(subprocess.run, command, env=env, capture_output=True, text=True,
+                                             timeout=60)
             assert result.returncode == 0, result.stderr
             assert "1 failed file(s)" in result.stdout
             await wait_for(lambda: stored(http, user.auth, file_id), what="stored after retry")

@@ -7,9 +7,9 @@ import asyncio
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from conftest import fresh_database
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from conftest import fresh_database
 from mediad import migrate
 from mediad.db import async_url, metadata
 

@@ -9,17 +9,14 @@ import io
 import os
 import signal
 import socket
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
 import httpx
 import pytest
+from conftest import Server, User, assert_problem, make_settings, make_user, mediad_process, serve_in_thread, wait_for
 from tusclient.client import TusClient
-
-from conftest import (Server, User, assert_problem, make_settings, make_user, mediad_process, serve_in_thread,
-                      wait_for)
 
 MiB = 1024 * 1024
 TUS = {"Tus-Resumable": "1.0.0"}
@@ -113,7 +110,7 @@ async def test_a_patch_cut_off_keeps_the_bytes_that_arrived(server: Server, clie
         sock.sendall((f"PATCH {location} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {user.token}\r\n"
                       f"Tus-Resumable: 1.0.0\r\nUpload-Offset: 0\r\nContent-Type: application/offset+octet-stream\r\n"
                       f"Content-Length: {len(data)}\r\n\r\n").encode() + data[:half])
-        time.sleep(0.3)
+        await asyncio.sleep(0.3)
 
     async def kept() -> bool:
         return await offset_of(client, user, location) == half
