@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from . import __version__, migrate, mockcloud
+from . import __version__, mockcloud
 from .config import ConfigError, Settings, load_settings
 from .embedded import database
 from .logs import setup_logging
@@ -79,6 +79,14 @@ def mock_cloud_process(data_dir: Path) -> Iterator[tuple[str, str]]:
                 proc.kill()
 
 
+def _migrate_in_child(url: str) -> None:
+    """`mediad migrate` in a child process: Alembic and Mako stay resident once imported (≈8 MiB),
+    and the server has no use for them after start."""
+    env = {**os.environ, "MEDIAD_DATABASE_URL": url}
+    if subprocess.run([sys.executable, "-m", "mediad.cli", "migrate"], env=env).returncode != 0:
+        raise SystemExit("mediad: the database migration failed (see above)")
+
+
 def serve(settings: Settings, server: str) -> int:
     import uvicorn
 
@@ -93,7 +101,7 @@ def serve(settings: Settings, server: str) -> int:
             settings = replace(settings, cloud_url=cloud_url, cloud_token=token)
             log.info("cloud: the bundled mock cloud at %s (data in %s)", cloud_url, settings.data_dir / "cloud")
         log.info("database: %s", "embedded PostgreSQL" if not settings.database_url else _redact(url))
-        migrate.upgrade(url)
+        _migrate_in_child(url)
         log.info("data dir: %s", settings.data_dir.resolve())
         log.info("listening on http://%s:%d (%s)", settings.host, settings.port, server)
         if server == "granian":
@@ -221,6 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "cloud":
         return _cloud_retry(settings, None if args.all else args.file_id)
     if args.command == "migrate":
+        from . import migrate
+
         with database(settings.database_url, settings.data_dir) as url:
             migrate.upgrade(url)
         log.info("schema is at head")

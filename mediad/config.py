@@ -50,7 +50,9 @@ class Settings:
     upload_expire_s: int = 86400
     secret_key: str | None = None
     fsync: bool = True  # off only for throw-away deployments: a 2xx then no longer means durable
-    audio_workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    # One core is left to the event loop and PostgreSQL: with every core converting, /health p99
+    # went from ~90 ms to 270–420 ms on the 2-core machine (ops/bench.py, audio section).
+    audio_workers: int = field(default_factory=lambda: max(1, (os.cpu_count() or 1) - 1))
     ffmpeg: str | None = None  # None: the binary shipped in the imageio-ffmpeg wheel
     audio_queue_timeout_s: float = 30.0  # how long a conversion may wait for a free worker (then 503)
     audio_timeout_s: float = 600.0

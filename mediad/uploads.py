@@ -19,16 +19,21 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.datastructures import State
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
-from streaming_form_data import StreamingFormDataParser
-from streaming_form_data.parser import ParseFailedException, parse_content_boundary
-from streaming_form_data.targets import BaseTarget, ValueTarget
-from streaming_form_data.validators import MaxSizeValidator, ValidationError
 
 from . import db
 from .auth import authenticate
 from .cloud import cloud_key
 from .errors import BadRequest, InsufficientStorage, PayloadTooLarge, Unprocessable
 from .files import file_json
+from .formdata import (
+    BaseTarget,
+    MaxSizeValidator,
+    ParseFailedException,
+    StreamingFormDataParser,
+    ValidationError,
+    ValueTarget,
+    parse_content_boundary,
+)
 from .storage import Blob, BlobWriter, is_disk_full
 
 _TAIL_BYTES = 1024
