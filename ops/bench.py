@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import functools
 import hashlib
@@ -1189,11 +1190,64 @@ def run_header(argv: list[str], database_url: str | None) -> str:
             f"{os.cpu_count()} CPUs.\n\n")
 
 
+
+# ---- resumable uploads (tus) --------------------------------------------------------------------
+
+TUS_CHUNK = 16 * MiB
+
+
+async def tus_upload(server: Server, client: httpx.AsyncClient, buf: bytes, size: int) -> Result:
+    """`size` bytes through /uploads in TUS_CHUNK PATCHes, each streamed in 1 MiB pieces."""
+    want = await asyncio.to_thread(expected_sha256, buf, size)
+    metadata = "filename " + base64.b64encode(b"tus.bin").decode()
+    tus = {**server.headers, "Tus-Resumable": "1.0.0"}
+    started = time.perf_counter()
+    cpu_before = cpu_seconds(server.pid)
+    with RssSampler(server.pid) as rss:
+        created = await client.post("/uploads", headers={**tus, "Upload-Length": str(size),
+                                                         "Upload-Metadata": metadata})
+        location, offset, file_id = created.headers["location"], 0, None
+        while offset < size:
+            length = min(TUS_CHUNK, size - offset)
+            answer = await client.patch(location, content=_buffer_chunks(buf, length), headers={
+                **tus, "Upload-Offset": str(offset), "Content-Type": "application/offset+octet-stream",
+                "Content-Length": str(length)})
+            if answer.status_code != 204:
+                raise RuntimeError(f"PATCH at {offset} answered {answer.status_code}: {answer.text}")
+            offset = int(answer.headers["upload-offset"])
+            file_id = answer.headers.get("mediad-file-id", file_id)
+    seconds = time.perf_counter() - started
+    cpu = cpu_seconds(server.pid) - cpu_before
+    stored = (await client.get(f"/files/{file_id}", headers=server.headers)).json()
+    if stored.get("sha256") != want:
+        raise RuntimeError(f"tus upload stored sha256 {stored.get('sha256')}, expected {want}")
+    await wait_replicated(client, str(file_id), server.headers)
+    return {"mib_s": size / MiB / seconds, "seconds": seconds, "peak_rss_mib": rss.peak_kib / 1024,
+            "server_cpu_pct": 100 * cpu / seconds}
+
+
+async def section_tus(run: Run) -> None:
+    server, buf, size, report = run.server, run.buf, run.size, run.report
+    gib = size_label(size)
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=TIMEOUT) as client:
+        plain = await upload(server, client, "PUT", "/files?path=/bench/plain-for-tus.bin", buf, size)
+        resumable = await tus_upload(server, client, buf, size)
+    report.figure(f"{gib} plain PUT (same run, for tus)", plain["mib_s"], "MiB/s")
+    report.figure(f"{gib} tus upload in {TUS_CHUNK // MiB} MiB PATCHes", resumable["mib_s"], "MiB/s")
+    report.note(f"{gib} tus upload: server CPU", f"{resumable['server_cpu_pct']:.0f}% of one core")
+    report.figure(f"{gib} tus upload: peak server RSS", resumable["peak_rss_mib"], "MiB", 1)
+    ratio = resumable["mib_s"] / plain["mib_s"]
+    report.target(f"{gib} tus upload ≥ 80% of a plain PUT", f"{100 * ratio:.0f}%", "≥ 80%", ratio >= 0.8)
+    report.target("peak server RSS during the tus upload", f"{resumable['peak_rss_mib']:.1f} MiB", "< 100 MiB",
+                  resumable["peak_rss_mib"] < 100)
+
+
 SECTIONS: dict[str, Callable[[Run], Awaitable[None]]] = {
     "uploads": section_uploads,
     "downloads": section_downloads,
     "cloud": section_cloud,
     "audio": section_audio,
+    "tus": section_tus,
 }
 
 
