@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import logging
 import os
 import secrets
@@ -39,6 +40,13 @@ def _ignore_signal(signum: int, frame: object) -> None:
     place of the default one, that re-raise no longer kills us before the database is stopped."""
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the parent dies, even by kill -9 (Linux prctl), so a
+    killed `mediad serve` leaves no mock cloud behind."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -55,7 +63,7 @@ def mock_cloud_process(data_dir: Path) -> Iterator[tuple[str, str]]:
     # with "-" cannot be mistaken for an option.
     proc = subprocess.Popen([sys.executable, "-m", "mediad.cli", "mock-cloud", "--host", "127.0.0.1",
                              "--port", str(port), "--data-dir", str(data_dir)],
-                            env={**os.environ, "MEDIAD_CLOUD_TOKEN": token})
+                            env={**os.environ, "MEDIAD_CLOUD_TOKEN": token}, preexec_fn=_die_with_parent)
     try:
         deadline = time.monotonic() + 30
         while True:

