@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -17,11 +20,13 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.types import Scope
 
-from . import audio, auth, downloads, files, openapi, tus, uploads
-from .cleanup import AccessTracker, cleanup_loop
+from . import audio, auth, downloads, files, links, openapi, tus, uploads
+from .cleanup import AccessTracker, cleanup_loop, recover
 from .cloud import CloudError, ObjectStore, Replicator
 from .config import Settings
 from .db import create_engine
@@ -45,6 +50,7 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
         storage = Storage(settings.data_dir, durable=settings.fsync,
                           min_free_bytes=settings.min_free_bytes)
         await anyio.to_thread.run_sync(storage.prepare)
+        app.state.link_key = await anyio.to_thread.run_sync(links.load_key, settings)
         engine = create_engine(url, settings)
         app.state.settings = settings
         app.state.storage = storage
@@ -59,6 +65,8 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
         app.state.tus_hashers = {}  # upload id → (offset, sha256 so far) while an upload is live
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(engine.dispose)
+            stack.callback(storage.leave)
+            await recover(engine, storage)  # what a dead process left on this data dir
             stack.push_async_callback(_flush_quietly, app.state.access, engine)
             if settings.cloud_url or settings.s3_bucket:
                 http = await stack.enter_async_context(httpx.AsyncClient(
@@ -96,6 +104,7 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
         Route("/files/{file_id}", files.show, methods=["GET"]),
         Route("/files/{file_id}", files.delete, methods=["DELETE"]),
         Route("/files/{file_id}/content", downloads.content, methods=["GET", "HEAD"]),
+        Route("/files/{file_id}/links", links.create_link, methods=["POST"]),
         Route("/download", downloads.download, methods=["GET", "HEAD"]),
         Route("/usage", files.usage, methods=["GET"]),
         Route("/records", audio.post_records, methods=["POST"]),
@@ -106,6 +115,8 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
         Route("/uploads/{upload_id}", tus.patch, methods=["PATCH"]),
         Route("/uploads/{upload_id}", tus.terminate, methods=["DELETE"]),
         Route("/record", audio.get_record, methods=["GET", "HEAD"]),
+        Route("/", web_index),
+        Mount("/web", app=WebFiles(packages=[("mediad", "web")]), name="web"),
     ]
     return Starlette(
         routes=routes,
@@ -168,6 +179,39 @@ async def _database_unavailable(request: Request, exc: Exception) -> Response:
 async def _internal_error(request: Request, exc: Exception) -> Response:
     # ServerErrorMiddleware re-raises after this, so the server logs the traceback.
     return problem(500, "an unexpected error occurred; it has been logged", "internal-error")
+
+
+# ---- the web app (mediad/web): static files under a strict CSP ----------------------------------
+
+_WEB_DIR = Path(__file__).parent / "web"
+_WEB_HEADERS = {
+    # No inline script or style anywhere in the app; media only through same-origin signed links.
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
+                               "img-src 'self' blob: data:; media-src 'self'; connect-src 'self'; "
+                               "object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",  # page URLs and signed links never leak to other sites
+}
+_WEB_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
+              ".html": "text/html; charset=utf-8", ".svg": "image/svg+xml"}
+
+
+class WebFiles(StaticFiles):
+    """The web app's assets: revalidated by ETag after an hour (names carry no version)."""
+
+    def file_response(self, full_path: Any, stat_result: os.stat_result, scope: Scope,
+                      status_code: int = 200) -> Response:
+        response = super().file_response(full_path, stat_result, scope, status_code)
+        response.headers.update({**_WEB_HEADERS, "Cache-Control": "public, max-age=3600"})
+        kind = _WEB_TYPES.get(os.path.splitext(str(full_path))[1])
+        if kind and response.status_code == 200:
+            response.headers["Content-Type"] = kind
+        return response
+
+
+async def web_index(request: Request) -> Response:
+    return FileResponse(_WEB_DIR / "index.html", media_type="text/html; charset=utf-8",
+                        headers={**_WEB_HEADERS, "Cache-Control": "no-cache"})
 
 
 async def health(request: Request) -> Response:

@@ -7,9 +7,11 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+import asyncpg  # type: ignore[import-untyped]
 import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import UUID, insert
-from sqlalchemy.engine import Row
+from sqlalchemy.engine import Dialect, ExceptionContext, Row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from .config import Settings
@@ -138,7 +140,7 @@ def async_url(url: str) -> str:
 
 
 def create_engine(url: str, settings: Settings) -> AsyncEngine:
-    return create_async_engine(
+    engine = create_async_engine(
         async_url(url),
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_pool_size,
@@ -149,6 +151,53 @@ def create_engine(url: str, settings: Settings) -> AsyncEngine:
         pool_recycle=1800,
         connect_args={"timeout": 5, "command_timeout": 30},
     )
+    sa.event.listen(engine.sync_engine, "do_connect", _connect)
+    sa.event.listen(engine.sync_engine, "handle_error", _out_of_reach)
+    return engine
+
+
+# ---- the database out of reach ------------------------------------------------------------------
+# Whatever layer notices it, "the database cannot serve us now" becomes SQLAlchemy's OperationalError
+# (the app answers 503 + Retry-After), and the pool starts afresh, so that service resumes by itself
+# once the database is back. What asyncpg raises then: OSError (connection refused, the socket file
+# gone), TimeoutError (no answer to a connect or a query), and SQLSTATE classes 08 (connection
+# exception), 57 (operator intervention: shutting down, starting up) and 53 (too many connections).
+
+_UNAVAILABLE = (OSError, TimeoutError, asyncpg.PostgresConnectionError,
+                asyncpg.exceptions.OperatorInterventionError, asyncpg.exceptions.InsufficientResourcesError)
+
+
+def _unavailable(exc: BaseException | None) -> bool:
+    """Whether `exc`, or the driver error it wraps, means the database is out of reach (not a bug)."""
+    while exc is not None:
+        if isinstance(exc, _UNAVAILABLE):
+            return True
+        exc = exc.__cause__
+    return False
+
+
+def _connect(dialect: Dialect, record: Any, cargs: Any, cparams: Any) -> Any:
+    """SQLAlchemy passes a refused or missing socket (OSError) or a connect timeout up unwrapped,
+    and a server starting up as a generic error: make each the DBAPI's OperationalError."""
+    try:
+        return dialect.connect(*cargs, **cparams)
+    except Exception as exc:
+        if _unavailable(exc) and not isinstance(exc, dialect.loaded_dbapi.OperationalError):
+            raise dialect.loaded_dbapi.OperationalError(f"cannot connect to the database: {exc!r}", exc) from exc
+        raise
+
+
+def _out_of_reach(context: ExceptionContext) -> BaseException | None:
+    """A connection dropped mid-query (asyncpg's generic error) or a query left unanswered (a bare
+    TimeoutError): OperationalError, and every pooled connection is replaced. A cancellation
+    (SQLAlchemy counts it as a disconnect too) stays what it is, or the cancelled task never learns."""
+    original = context.original_exception
+    if not isinstance(original, Exception) or not (context.is_disconnect or _unavailable(original)):
+        return None
+    context.is_disconnect = True  # a connection that timed out is in an unknown state: do not reuse it
+    if isinstance(context.sqlalchemy_exception, sa_exc.OperationalError):
+        return None
+    return sa_exc.OperationalError(context.statement, context.parameters, original, connection_invalidated=True)
 
 
 # ---- users and tokens ---------------------------------------------------------------------------
@@ -353,6 +402,15 @@ async def fail_push(conn: AsyncConnection, file_id: uuid.UUID, blob_id: uuid.UUI
 
 async def release_push(conn: AsyncConnection, file_id: uuid.UUID, blob_id: uuid.UUID) -> None:
     await conn.execute(sa.update(files).where(_same_push(file_id, blob_id)).values(cloud_lease_until=None))
+
+
+async def release_node_pushes(conn: AsyncConnection, node: uuid.UUID) -> int:
+    """Hand back the leases on pushes of `node`'s blobs: for a process that knows every other one
+    that could hold them (processes sharing that data dir) is dead."""
+    result = await conn.execute(
+        sa.update(files).where(files.c.node == node, files.c.cloud_lease_until.is_not(None))
+        .values(cloud_lease_until=None))
+    return result.rowcount
 
 
 async def retry_failed(conn: AsyncConnection, file_id: uuid.UUID | None = None) -> list[uuid.UUID]:

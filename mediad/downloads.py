@@ -26,11 +26,18 @@ from starlette.datastructures import Headers, QueryParams
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
-from . import db
-from .cloud import CloudError, Store, cloud_key
+from . import db, links
 from .auth import authenticate, token_hash
-from .errors import MediaError, NotFound, PreconditionFailed, RangeNotSatisfiable, ServiceUnavailable
-from .errors import Unauthorized, Unprocessable
+from .cloud import CloudError, Store, cloud_key
+from .errors import (
+    MediaError,
+    NotFound,
+    PreconditionFailed,
+    RangeNotSatisfiable,
+    ServiceUnavailable,
+    Unauthorized,
+    Unprocessable,
+)
 from .files import parse_file_id
 from .uploads import clean_path
 
@@ -388,6 +395,8 @@ async def serve_file(request: Request, fetch: Fetch) -> BlobResponse:
 
 
 async def content(request: Request) -> BlobResponse:
+    if "signature" in request.query_params:  # a signed link: the signature, not a token, is the capability
+        return await serve_file(request, links.signed_fetch(request))
     try:
         file_id = parse_file_id(request.path_params["file_id"])
     except NotFound:

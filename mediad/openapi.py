@@ -123,6 +123,16 @@ _SCHEMAS: dict[str, Schema] = {
                         "description": "Pass as ?cursor= for the next page; null on the last one."},
     }),
     "Usage": _object({"files": _COUNT, "bytes": _COUNT}),
+    "LinkOptions": _object({
+        "expires_in": {"type": "integer", "minimum": 1, "maximum": 604800, "default": 3600,
+                       "description": "Seconds the link stays valid (1 s to 7 days)."},
+        "inline": {"type": "boolean", "default": False, "description": "Content-Disposition: inline."},
+    }),
+    "Link": _object({
+        "url": {"type": "string", "description": "The link on MEDIAD_PUBLIC_URL."},
+        "path": {"type": "string", "description": "The same link as a same-origin path (what the web app uses)."},
+        "expires_at": {"type": "string", "format": "date-time"},
+    }, required=["url", "path", "expires_at"]),
     "NewUser": _object({
         "name": {"type": "string", "minLength": 1, "maxLength": 64,
                  "description": "Unique case-insensitively; no control characters."},
@@ -310,9 +320,19 @@ _FILES: dict[str, Schema] = {
     },
     "/files/{file_id}/content": {
         "parameters": [_FILE_ID],
-        **_download("Download a file's bytes", [], _errors(401, 404, 412, 416, 503),
-                    description="A file whose local copy was evicted is streamed from the cloud copy, "
-                                "with the same headers and ranges."),
+        **_download("Download a file's bytes", [
+            _param("expires", "query", "Signed links: expiry, unix seconds.", {"type": "integer"}),
+            _param("signature", "query", "Signed links: the signature; with it no token is needed."),
+        ], _errors(401, 403, 404, 412, 416, 503), [{"bearer": []}, {}],
+            description="A file whose local copy was evicted is streamed from the cloud copy, with the same "
+                        "headers and ranges. A signed link (from POST /files/{id}/links) needs no token; an "
+                        "expired or altered one, or one whose file was replaced or deleted, answers 403."),
+    },
+    "/files/{file_id}/links": {
+        "parameters": [_FILE_ID],
+        "post": _op("Create a signed, expiring link", {
+            "201": _ok("Created.", _ref("schemas", "Link")), **_errors(400, 401, 404, 422, 503)},
+            body=_body(_json(_ref("schemas", "LinkOptions")), "Both fields optional.", required=False)),
     },
     "/download": _download("Download by id or by virtual path", [
         _param("id", "query", "The File's id (give exactly one of id and path).", _UUID),
@@ -404,6 +424,9 @@ _SERVICE: dict[str, Schema] = {
         security=_PUBLIC, tag="service")},
     "/openapi.json": {"get": _op("This document", {
         "200": {"description": "OpenAPI 3.1.", "content": _json({"type": "object"})}},
+        security=_PUBLIC, tag="service")},
+    "/": {"get": _op("The web app", {
+        "200": {"description": "An HTML page (assets under /web/).", "content": {"text/html": _TEXT_CONTENT}}},
         security=_PUBLIC, tag="service")},
     "/docs": {"get": _op("The API docs for people (Swagger UI, served by mediad itself)", {
         "200": {"description": "An HTML page.", "content": {"text/html": _TEXT_CONTENT}}},

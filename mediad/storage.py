@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import errno
+import fcntl
 import hashlib
 import os
 import queue
@@ -56,11 +57,47 @@ class Storage:
         self.durable = durable
         self.min_free_bytes = min_free_bytes
         self.node_id: uuid.UUID | None = None  # set by prepare()
+        self._live_fd = -1  # flock on serve.lock while this process serves the data dir
 
     def prepare(self) -> None:
         for directory in (self.root, self.tmp_dir, self.root / "files", self.root / "uploads"):
             directory.mkdir(parents=True, exist_ok=True)
         self.node_id = _node_id(self.root / "node-id")
+
+    def join(self) -> bool:
+        """Join the processes serving this data dir; True when no other one is alive.
+
+        Each holds a shared flock on `serve.lock` for as long as it runs (the kernel drops it when
+        a process dies, kill -9 included). True means this process holds it exclusively until
+        `share()`: whatever a process left in tmp/ or in flight is then a dead one's, and no peer's.
+        """
+        if self._live_fd < 0:
+            self._live_fd = os.open(self.root / "serve.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._live_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.share()
+            return False
+        return True
+
+    def share(self) -> None:
+        """From `join()`'s exclusive hold to the shared one of a running process (waits while a
+        starting peer recovers)."""
+        fcntl.flock(self._live_fd, fcntl.LOCK_SH)
+
+    def leave(self) -> None:
+        if self._live_fd >= 0:
+            os.close(self._live_fd)
+            self._live_fd = -1
+
+    def sweep_temp(self) -> int:
+        """Remove every temp file; only for a process that `join()`ed alone (none is in flight)."""
+        removed = 0
+        for entry in os.scandir(self.tmp_dir):
+            if entry.is_file():
+                os.unlink(entry.path)
+                removed += 1
+        return removed
 
     def blob_path(self, blob_id: uuid.UUID) -> Path:
         return self.root / blob_relpath(blob_id)
@@ -140,7 +177,7 @@ def _libc_sync_file_range() -> Callable[[int, int, int], None] | None:
     return start_writeback
 
 
-_start_writeback = _libc_sync_file_range() or (lambda fd, offset, length: os.fdatasync(fd))
+start_writeback = _libc_sync_file_range() or (lambda fd, offset, length: os.fdatasync(fd))
 
 
 def _node_id(path: Path) -> uuid.UUID:
@@ -281,7 +318,7 @@ class BlobWriter:
                     _write_all(fd, batch)
                     written += sum(map(len, batch))
                     if durable and written - flushed >= _WRITEBACK_EVERY:
-                        _start_writeback(fd, flushed, written - flushed)
+                        start_writeback(fd, flushed, written - flushed)
                         flushed = written
             except Exception as exc:  # keep draining, so the event loop side never blocks on a slot
                 self._error = exc

@@ -9,6 +9,7 @@ goes through `uploads.commit_upload`, the same path as every other upload.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import email.utils
@@ -45,7 +46,7 @@ from .errors import (
     error_response,
 )
 from .files import parse_file_id, rfc3339
-from .storage import Blob, Storage, fsync_dir, is_disk_full
+from .storage import Blob, Storage, fsync_dir, is_disk_full, start_writeback
 from .uploads import clean_path, commit_upload, place
 
 TUS_VERSION = "1.0.0"
@@ -114,6 +115,14 @@ _live = uploads.c.expires_at > sa.func.now()
 async def _visible(conn: AsyncConnection, upload_id: uuid.UUID, owner_id: uuid.UUID) -> Row[Any] | None:
     return (await conn.execute(sa.select(uploads).where(
         uploads.c.id == upload_id, uploads.c.owner_id == owner_id, _live))).first()
+
+
+async def release_locks(conn: AsyncConnection, node: uuid.UUID) -> int:
+    """Free the uploads of `node` locked by a PATCH that a crash cut off, which would otherwise answer
+    423 for a minute; only once every process sharing that data dir is known dead."""
+    result = await conn.execute(sa.update(uploads).where(uploads.c.node == node, uploads.c.lock_until.is_not(None))
+                                .values(lock_until=None))
+    return result.rowcount
 
 
 async def _claim(conn: AsyncConnection, upload_id: uuid.UUID, owner_id: uuid.UUID) -> Row[Any] | None:
@@ -284,6 +293,17 @@ async def _append(request: Request, state: State, row: Row[Any],
     remaining = row.length - row.offset
     fd = await anyio.to_thread.run_sync(_open_at, partial_path(storage, row.id), row.offset)
     written, batch, batch_bytes, cut = 0, [], 0, False
+    in_flight: asyncio.Future[None] | None = None  # one batch is written while the next arrives
+
+    async def flush() -> None:
+        nonlocal in_flight, batch, batch_bytes
+        if in_flight is not None:
+            await in_flight
+        position = row.offset + written - batch_bytes
+        in_flight = asyncio.ensure_future(
+            anyio.to_thread.run_sync(_write, fd, position, batch, hashers, storage.durable))
+        batch, batch_bytes = [], 0
+
     try:
         try:
             async for chunk in request.stream():
@@ -293,12 +313,13 @@ async def _append(request: Request, state: State, row: Row[Any],
                 batch.append(chunk)
                 batch_bytes += len(chunk)
                 if batch_bytes >= _BATCH:
-                    await anyio.to_thread.run_sync(_write, fd, row.offset + written - batch_bytes, batch, hashers)
-                    batch, batch_bytes = [], 0
+                    await flush()
         except ClientDisconnect:
             cut = True  # keep what arrived (unless it cannot be verified against a checksum)
         if batch:
-            await anyio.to_thread.run_sync(_write, fd, row.offset + written - batch_bytes, batch, hashers)
+            await flush()
+        if in_flight is not None:
+            await in_flight
         if chunk_hasher is not None and checksum is not None:
             if cut:
                 raise BadRequest("the body was cut off, so its Upload-Checksum cannot be verified")
@@ -307,6 +328,8 @@ async def _append(request: Request, state: State, row: Row[Any],
         await anyio.to_thread.run_sync(_sync_close, fd, storage.durable)
     except BaseException as exc:
         with anyio.CancelScope(shield=True):
+            if in_flight is not None:
+                await asyncio.wait([in_flight])  # never truncate under a write still running
             await anyio.to_thread.run_sync(_truncate_close, fd, row.offset)  # offset unchanged
         if is_disk_full(exc):
             raise InsufficientStorage("the server's disk is full; the chunk was discarded") from exc
@@ -375,19 +398,17 @@ def _open_at(path: Path, offset: int) -> int:
     return fd
 
 
-def _write(fd: int, position: int, batch: list[bytes], hashers: list[Hasher]) -> None:
+def _write(fd: int, position: int, batch: list[bytes], hashers: list[Hasher], writeback: bool) -> None:
+    """Hash and write one batch; start its write-back so the fdatasync at the end is short."""
     for chunk in batch:
         for hasher in hashers:
             hasher.update(chunk)
-    data = b"".join(batch) if len(batch) > 512 else batch
-    written = os.pwritev(fd, data if isinstance(data, list) else [data], position)
-    total = sum(map(len, batch))
-    if written < total:
-        rest = memoryview(b"".join(batch))[written:]
-        position += written
-        while rest:
-            count = os.pwrite(fd, rest, position)
-            rest, position = rest[count:], position + count
+    data = memoryview(b"".join(batch))
+    offset = 0
+    while offset < len(data):
+        offset += os.pwrite(fd, data[offset:], position + offset)
+    if writeback:
+        start_writeback(fd, position, len(data))
 
 
 def _sync_close(fd: int, durable: bool) -> None:
