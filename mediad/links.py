@@ -36,6 +36,7 @@ from .auth import authenticate, read_json_object
 from .config import ConfigError, Settings
 from .errors import Forbidden, NotFound, Unprocessable
 from .files import parse_file_id, rfc3339
+from .storage import fsync_dir
 
 log = logging.getLogger("mediad.links")
 
@@ -139,7 +140,7 @@ def load_key(settings: Settings) -> bytes:
         os.close(fd)
     try:
         os.link(candidate, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         log.info("created the signed-link key at %s", path)
     except FileExistsError:
         pass  # another process won the race; use its key
@@ -159,14 +160,6 @@ def _read_key(path: Path) -> bytes:
         raise ConfigError(f"{path} does not hold a valid link key: remove it to make a new one "
                           "(this ends all signed links) or set MEDIAD_SECRET_KEY")
     return key
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---- HTTP ---------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import signal
 import socket
@@ -263,6 +264,19 @@ async def user(client: httpx.AsyncClient) -> User:
 @pytest.fixture
 async def other_user(client: httpx.AsyncClient) -> User:
     return await make_user(client)
+
+
+async def upload(http: httpx.AsyncClient, user: User, data: bytes, *, name: str = "data.bin",
+                 path: str | None = None) -> dict[str, Any]:
+    """A raw upload (PUT to `path`, else POST with `name`) that must succeed and store `data`."""
+    if path is not None:
+        response = await http.put("/files", headers=user.auth, params={"path": path}, content=data)
+    else:
+        response = await http.post("/files", headers=user.auth, params={"name": name}, content=data)
+    assert response.status_code in (200, 201), response.text
+    file: dict[str, Any] = response.json()
+    assert file["sha256"] == hashlib.sha256(data).hexdigest() and file["size"] == len(data)
+    return file
 
 
 def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from urllib.parse import unquote
 
 import httpx
 import pytest
-from conftest import Server, User, assert_problem, make_user
+from conftest import Server, User, assert_problem, make_user, upload
 
 KiB, MiB = 1024, 1024 * 1024
 SIZE = 10_000  # the range tests' file
@@ -28,18 +28,6 @@ def payload(size: int, seed: int = 0) -> bytes:
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-async def upload(http: httpx.AsyncClient, user: User, data: bytes, *, name: str = "data.bin",
-                 path: str | None = None) -> dict[str, Any]:
-    if path is not None:
-        response = await http.put("/files", headers=user.auth, params={"path": path}, content=data)
-    else:
-        response = await http.post("/files", headers=user.auth, params={"name": name}, content=data)
-    assert response.status_code in (200, 201), response.text
-    file: dict[str, Any] = response.json()
-    assert file["sha256"] == sha(data) and file["size"] == len(data)
-    return file
 
 
 def target(route: str, file: dict[str, Any]) -> tuple[str, dict[str, str]]:

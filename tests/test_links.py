@@ -17,7 +17,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import httpx
 import pytest
-from conftest import User, assert_problem, make_settings, make_user, serve_in_thread
+from conftest import User, assert_problem, make_settings, make_user, serve_in_thread, upload
 
 from mediad import links
 
@@ -26,16 +26,6 @@ KEY_FILE = links.KEY_FILE
 
 def payload(size: int, seed: int = 0) -> bytes:
     return random.Random(f"links/{size}/{seed}").randbytes(size)
-
-
-async def upload(http: httpx.AsyncClient, user: User, data: bytes, *, name: str = "clip.bin",
-                 path: str | None = None) -> dict[str, Any]:
-    if path is not None:
-        response = await http.put("/files", headers=user.auth, params={"path": path}, content=data)
-    else:
-        response = await http.post("/files", headers=user.auth, params={"name": name}, content=data)
-    assert response.status_code in (200, 201), response.text
-    return response.json()
 
 
 async def make_link(http: httpx.AsyncClient, user: User, file_id: str, **body: Any) -> dict[str, Any]:
