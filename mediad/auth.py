@@ -128,8 +128,7 @@ async def create_user(request: Request) -> JSONResponse:
         if user_id is None:
             raise Conflict(f"the name {name!r} is taken")
         await db.insert_token(conn, user_id, token_hash(token))
-    return JSONResponse({"id": str(user_id), "name": name, "token": token}, status_code=201,
-                        headers={"Location": f"/users/{user_id}"})
+    return JSONResponse({"id": str(user_id), "name": name, "token": token}, status_code=201)
 
 
 async def login(request: Request) -> JSONResponse:

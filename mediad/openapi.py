@@ -264,8 +264,7 @@ def _download(summary: str, extra: list[Schema], errors: Schema, security: list[
 _USERS: dict[str, Schema] = {
     "/users": {"post": _op(
         "Create a user",
-        {"201": _ok("Created; the token is shown this once.", _ref("schemas", "User"),
-                    {"Location": "`/users/{id}`"}),
+        {"201": _ok("Created; the token is shown this once.", _ref("schemas", "User")),
          **_errors(400, 409, 422, 503)},
         body=_body(_json(_ref("schemas", "NewUser"))), security=_PUBLIC, tag="users")},
     "/auth/login": {"post": _op(
