@@ -93,8 +93,8 @@ async def read_json_object(request: Request) -> dict[str, Any]:
     return data
 
 
-async def authenticate(request: Request) -> uuid.UUID:
-    """The caller's user id from `Authorization: Bearer <token>`; 401 otherwise."""
+def bearer_token(request: Request) -> str:
+    """The token of `Authorization: Bearer <token>`; 401 when the header is missing or malformed."""
     header = request.headers.get("authorization")
     if header is None:
         raise Unauthorized("missing Authorization: Bearer header")
@@ -102,7 +102,12 @@ async def authenticate(request: Request) -> uuid.UUID:
     token = token.strip()
     if scheme.lower() != "bearer" or not token or len(token) > 256:
         raise Unauthorized("malformed Authorization header: expected Bearer <token>")
-    return await user_for_token(request.app.state.reader, token)
+    return token
+
+
+async def authenticate(request: Request) -> uuid.UUID:
+    """The caller's user id from `Authorization: Bearer <token>`; 401 otherwise."""
+    return await user_for_token(request.app.state.reader, bearer_token(request))
 
 
 async def user_for_token(engine: AsyncEngine, token: str) -> uuid.UUID:

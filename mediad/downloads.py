@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
 from . import db, links
-from .auth import authenticate, token_hash
+from .auth import authenticate, bearer_token, token_hash
 from .cloud import CloudError, Store, cloud_key
 from .errors import (
     MediaError,
@@ -336,15 +336,6 @@ class BlobResponse:
 
 # ---- handlers -----------------------------------------------------------------------------------
 
-def _bearer(request: Request) -> bytes:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token or len(token) > 256:
-        raise Unauthorized("missing or malformed Authorization: Bearer header")
-    return token_hash(token)
-
-
 def _open_blob(path: os.PathLike[str] | str) -> int | None:
     try:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -358,7 +349,7 @@ Fetch = Callable[[AsyncConnection], Awaitable[Row[Any]]]
 def owned_by_bearer(request: Request, lookup: dict[str, Any]) -> Fetch:
     """The caller's File selected by `lookup` (file_id= or path=): token check and lookup in one
     query; 401 for an unknown token, 404 for a file that is not the caller's."""
-    digest = _bearer(request)
+    digest = token_hash(bearer_token(request))
 
     async def fetch(conn: AsyncConnection) -> Row[Any]:
         found = await db.file_for_token(conn, digest, **lookup)
