@@ -8,6 +8,7 @@ that hit a script error or a Content-Security-Policy violation fails its test.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -47,9 +48,11 @@ def browser() -> Iterator[Any]:
             launched.close()
 
 
-@pytest.fixture
-def page(browser: Any, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Any]:
-    context = browser.new_context(viewport={"width": 1100, "height": 900}, accept_downloads=True)
+@contextlib.contextmanager
+def watched_page(browser: Any, screenshot: Path, **context_options: Any) -> Iterator[Any]:
+    """A page in a context of its own, screenshotted to `screenshot` at the end; a script error or a
+    Content-Security-Policy violation on it fails the test."""
+    context = browser.new_context(viewport={"width": 1100, "height": 900}, **context_options)
     opened = context.new_page()
     opened.set_default_timeout(20_000)
     problems: list[str] = []
@@ -60,10 +63,16 @@ def page(browser: Any, tmp_path: Path, request: pytest.FixtureRequest) -> Iterat
         yield opened
     finally:
         try:
-            opened.screenshot(path=str(tmp_path / f"{request.node.name}.png"), full_page=True)
+            opened.screenshot(path=str(screenshot), full_page=True)
         finally:
             context.close()
     assert not problems, problems
+
+
+@pytest.fixture
+def page(browser: Any, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Any]:
+    with watched_page(browser, tmp_path / f"{request.node.name}.png", accept_downloads=True) as opened:
+        yield opened
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from conftest import Server
 
-from .conftest import access_log
+from .conftest import access_log, watched_page
 
 VENDOR = Path(__file__).parent / "vendor"
 TUS_JS_CLIENT_VERSION = "4.3.1"
@@ -107,20 +107,9 @@ def tus_page(browser: Any, web_server: Server, tmp_path: Path, request: pytest.F
     """mediad's web app page with the vendored tus-js-client loaded into it."""
     # bypass_csp only so that the test can inject its own client into the page: mediad's CSP
     # (script-src 'self') rightly refuses an inline script. The page's requests stay same-origin.
-    context = browser.new_context(viewport={"width": 1100, "height": 900}, bypass_csp=True)
-    opened = context.new_page()
-    opened.set_default_timeout(20_000)
-    problems: list[str] = []
-    opened.on("pageerror", lambda error: problems.append(f"script error: {error}"))
-    try:
+    with watched_page(browser, tmp_path / f"{request.node.name}.png", bypass_csp=True) as opened:
         load_client(opened, web_server.url)
         yield opened
-    finally:
-        try:
-            opened.screenshot(path=str(tmp_path / f"{request.node.name}.png"), full_page=True)
-        finally:
-            context.close()
-    assert not problems, problems
 
 
 def load_client(page: Any, base_url: str) -> None:
