@@ -74,6 +74,8 @@ def _clean_password(value: Any) -> str:
         raise Unprocessable("password must be at least 8 characters long")
     if len(value) > 1024:
         raise Unprocessable("password must be at most 1024 characters long")
+    if any("\ud800" <= ch <= "\udfff" for ch in value):  # JSON allows lone surrogates; UTF-8 does not
+        raise Unprocessable("password must be Unicode text (no lone surrogates)")
     return value
 
 
@@ -141,9 +143,14 @@ async def login(request: Request) -> JSONResponse:
     name, password = data.get("name"), data.get("password")
     if not isinstance(name, str) or not isinstance(password, str):
         raise Unprocessable("name and password are required strings")
-    name_key = unicodedata.normalize("NFC", name).casefold()
-    async with request.app.state.reader.connect() as conn:
-        user = await db.user_by_name_key(conn, name_key)
+    user = None
+    try:
+        _, name_key = clean_user_name(name)
+    except Unprocessable:
+        pass  # no user can have this name (NUL, control characters, length): wrong credentials
+    else:
+        async with request.app.state.reader.connect() as conn:
+            user = await db.user_by_name_key(conn, name_key)
     encoded = user.password_hash if user is not None and user.password_hash else _DUMMY_HASH
     ok = await anyio.to_thread.run_sync(verify_password, password[:1024], encoded)
     if user is None or not user.password_hash or not ok:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import asyncpg
 import httpx
@@ -85,3 +86,23 @@ async def test_missing_malformed_or_unknown_token_is_401(client: httpx.AsyncClie
     response = await client.get("/usage", headers=headers)
     assert_problem(response, 401)
     assert response.headers["www-authenticate"].startswith("Bearer")
+
+
+async def test_login_with_a_name_no_user_can_have_is_wrong_credentials(client: httpx.AsyncClient) -> None:
+    # Found by tests/test_schema_fuzz.py: NUL reached PostgreSQL, which cannot store it in text (500).
+    for name in ("alice\x00", "\ud800bob", "", "x" * 65):
+        response = await client.post("/auth/login", content=_json_with_escapes({"name": name, "password": "secret-pw"}),
+                                     headers={"Content-Type": "application/json"})
+        assert_problem(response, 401)
+
+
+async def test_a_password_that_is_not_unicode_text_is_invalid(client: httpx.AsyncClient) -> None:
+    # A lone surrogate (legal in JSON, not in UTF-8) cannot be hashed: 422, not 500.
+    response = await client.post("/users", content=_json_with_escapes({"name": "carol", "password": "ab\ud800cdefgh"}),
+                                 headers={"Content-Type": "application/json"})
+    assert_problem(response, 422)
+
+
+def _json_with_escapes(body: dict[str, str]) -> bytes:
+    """JSON with every non-ASCII character escaped, so lone surrogates go over the wire as `\\udxxx`."""
+    return json.dumps(body, ensure_ascii=True).encode("ascii")
