@@ -99,6 +99,7 @@ def serve(settings: Settings, server: str) -> int:
     import uvicorn
 
     from .app import create_app
+    from .server import uvicorn_config
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _ignore_signal)
@@ -115,9 +116,7 @@ def serve(settings: Settings, server: str) -> int:
         if server == "granian":
             _run_granian(settings, url)
         else:
-            config = uvicorn.Config(create_app(settings, url), host=settings.host, port=settings.port,
-                                    log_config=None, timeout_graceful_shutdown=30, server_header=False)
-            uvicorn.Server(config).run()
+            uvicorn.Server(uvicorn_config(create_app(settings, url), settings)).run()
     return 0
 
 
@@ -126,6 +125,7 @@ def _run_granian(settings: Settings, url: str) -> None:
     a worker process, so the database URL travels through the environment."""
     from granian import Granian
     from granian.constants import Interfaces
+    from granian.http import HTTP1Settings
 
     os.environ["MEDIAD_DATABASE_URL"] = url
     if settings.cloud_url:
@@ -133,7 +133,11 @@ def _run_granian(settings: Settings, url: str) -> None:
         os.environ["MEDIAD_CLOUD_TOKEN"] = settings.cloud_token or ""
     Granian("mediad.app:app_from_environment", factory=True, interface=Interfaces.ASGI,
             address=settings.host, port=settings.port, workers=1, log_enabled=False,
-            workers_kill_timeout=30).serve()
+            workers_kill_timeout=30,
+            # Granian has a head deadline and a head-size cap of its own (no body idle deadline).
+            http1_settings=HTTP1Settings(header_read_timeout=int(settings.header_timeout_s * 1000),
+                                         max_buffer_size=max(settings.max_header_bytes, 65536)),
+            ).serve()
 
 
 def _cloud_retry(settings: Settings, file_id: str | None) -> int:

@@ -56,6 +56,11 @@ class Settings:
     ffmpeg: str | None = None  # None: the binary shipped in the imageio-ffmpeg wheel
     audio_queue_timeout_s: float = 30.0  # how long a conversion may wait for a free worker (then 503)
     audio_timeout_s: float = 600.0
+    # Slow and oversized clients (mediad/server.py): a request's head must arrive within
+    # header_timeout_s, a body may pause at most body_timeout_s, and a head is capped at 431.
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_header_bytes: int = 32 * 1024
     db_pool_size: int = 10
     db_pool_timeout_s: float = 5.0
     log_level: str = "INFO"
@@ -141,6 +146,9 @@ def _check(settings: Settings) -> None:
     for name in ("cloud_concurrency", "cloud_max_attempts", "audio_workers", "db_pool_size"):
         if getattr(settings, name) < 1:
             raise ConfigError(f"MEDIAD_{name.upper()} is invalid: must be at least 1")
+    for name in ("header_timeout_s", "body_timeout_s", "max_header_bytes"):
+        if getattr(settings, name) <= 0:
+            raise ConfigError(f"MEDIAD_{name.upper()} is invalid: must be greater than 0")
     if settings.cloud_url and not settings.cloud_url.startswith(("http://", "https://")):
         raise ConfigError("MEDIAD_CLOUD_URL is invalid: expected an http:// or https:// URL")
     if settings.s3_bucket:

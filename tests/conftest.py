@@ -33,6 +33,7 @@ from mediad.app import create_app
 from mediad.config import Settings
 from mediad.embedded import embedded_postgres
 from mediad.mockcloud import Faults, create_mock_cloud
+from mediad.server import uvicorn_config
 
 TEST_MAX_UPLOAD = 64 * 1024 * 1024
 
@@ -105,11 +106,15 @@ class Server:
 
 
 @contextlib.contextmanager
-def asgi_in_thread(app: Any) -> Iterator[str]:
+def asgi_in_thread(app: Any, settings: Settings | None = None) -> Iterator[str]:
     """Serve an ASGI app under uvicorn on an ephemeral loopback port, in a thread with its own
-    loop; yields its base URL and shuts it down (lifespan included) afterwards."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="on",
-                            timeout_graceful_shutdown=5)
+    loop; yields its base URL and shuts it down (lifespan included) afterwards. With `settings`,
+    uvicorn is configured as `mediad serve` configures it (its protocol limits included)."""
+    options: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "lifespan": "on", "timeout_graceful_shutdown": 5}
+    if settings is None:
+        config = uvicorn.Config(app, log_config=None, **options)
+    else:
+        config = uvicorn_config(app, settings, **options)
     server = uvicorn.Server(config)  # off the main thread, uvicorn leaves signal handlers alone
     thread = threading.Thread(target=server.run, name="test-server", daemon=True)
     thread.start()
@@ -130,7 +135,7 @@ def asgi_in_thread(app: Any) -> Iterator[str]:
 @contextlib.contextmanager
 def serve_in_thread(settings: Settings, database_url: str) -> Iterator[Server]:
     """mediad itself under uvicorn in a thread (see asgi_in_thread)."""
-    with asgi_in_thread(create_app(settings, database_url)) as url:
+    with asgi_in_thread(create_app(settings, database_url), settings) as url:
         yield Server(url, settings.data_dir, database_url)
 
 

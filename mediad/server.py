@@ -1,0 +1,200 @@
+"""The HTTP server's own limits: uvicorn's httptools protocol with the guards it lacks.
+
+uvicorn times out only idle keep-alive connections. A client that sends its headers a byte a
+second, or stops halfway through an upload, holds its connection (and the upload's temp file)
+for ever, and httptools buffers a request head of any size. `GuardedHttpProtocol` adds:
+
+- a deadline for a request's head (request line and headers): 408, connection closed;
+- an idle deadline while a request body is arriving: 408, and the app's `receive()` reports a
+  disconnect, so an upload cleans up as if the client had gone;
+- a cap on the bytes of a request's head: 431.
+
+All three answer with problem+json like the app, and so does a malformed request (400), which
+uvicorn would answer in plain text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from .config import Settings
+from .errors import PROBLEM_TYPE_BASE
+
+
+@dataclass(frozen=True)
+class Limits:
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_header_bytes: int = 32 * 1024
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        return cls(settings.header_timeout_s, settings.body_timeout_s, settings.max_header_bytes)
+
+
+class _Refused(Exception):
+    """Raised from a parser callback to stop parsing; httptools wraps it in HttpParserError."""
+
+
+def raw_problem(status: int, detail: str, slug: str) -> bytes:
+    """A complete HTTP/1.1 problem+json response that closes the connection, for answers the
+    protocol gives itself before (or instead of) the app."""
+    phrase = HTTPStatus(status).phrase
+    body = json.dumps({"type": PROBLEM_TYPE_BASE + slug, "title": phrase, "status": status,
+                       "detail": detail}).encode()
+    head = (f"HTTP/1.1 {status} {phrase}\r\ncontent-type: application/problem+json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")
+    return head.encode("ascii") + body
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    limits = Limits()  # replaced per server by guarded_protocol()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._in_head = False  # between a request's first byte (or the connection) and its headers' end
+        self._in_body = False  # headers done, body not complete
+        self._head_started = 0.0
+        self._head_bytes = 0
+        self._last_read = 0.0
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._refusal: tuple[int, str, str] | None = None
+
+    # Connection events
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._begin_head()  # a connection that never sends a byte is a slow head too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        self._in_head = self._in_body = False
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._last_read = self.loop.time()
+        super().data_received(data)
+        if self._in_head and not self.transport.is_closing():
+            # A head still incomplete after this read: count it here, since httptools buffers a
+            # header's value until the value ends and only then calls on_header.
+            self._head_bytes += len(data)
+            if self._head_bytes > self.limits.max_header_bytes:
+                self._refuse(431, self._too_large_detail(), "request-header-fields-too-large")
+
+    # Parser callbacks
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._begin_head()
+
+    def on_url(self, url: bytes) -> None:
+        self._count_head(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._in_body = True
+        self._disarm()
+        super().on_headers_complete()
+        self._arm(self._last_read + self.limits.body_timeout_s)
+
+    def on_message_complete(self) -> None:
+        self._in_body = False
+        self._disarm()
+        super().on_message_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        status, detail, slug = self._refusal or (400, "the request is not valid HTTP/1.1", "malformed-request")
+        self._refuse(status, detail, slug)
+
+    # Deadlines
+
+    def _begin_head(self) -> None:
+        self._in_head, self._in_body = True, False
+        self._head_bytes = 0
+        self._head_started = self.loop.time()
+        self._arm(self._head_started + self.limits.header_timeout_s)
+
+    def _count_head(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > self.limits.max_header_bytes:
+            self._refusal = (431, self._too_large_detail(), "request-header-fields-too-large")
+            raise _Refused
+
+    def _too_large_detail(self) -> str:
+        return f"the request line and headers exceed {self.limits.max_header_bytes} bytes"
+
+    def _arm(self, when: float) -> None:
+        self._disarm()
+        self._watchdog = self.loop.call_at(when, self._check_deadline)
+
+    def _disarm(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+
+    def _check_deadline(self) -> None:
+        self._watchdog = None
+        if self.transport.is_closing():
+            return
+        now = self.loop.time()
+        if self._in_head:
+            due = self._head_started + self.limits.header_timeout_s
+            detail = f"the request headers did not arrive within {self.limits.header_timeout_s:g} s"
+        elif self._in_body:
+            # The app is not reading, or the client waits for its 100 Continue: not a stall.
+            if self.flow.read_paused or (self.cycle is not None and self.cycle.waiting_for_100_continue):
+                self._last_read = now
+            due = self._last_read + self.limits.body_timeout_s
+            detail = f"the request body stalled: nothing received for {self.limits.body_timeout_s:g} s"
+        else:
+            return
+        if now >= due:
+            self._refuse(408, detail, "request-timeout")
+        else:
+            self._arm(due)
+
+    def _refuse(self, status: int, detail: str, slug: str) -> None:
+        """Answer `status` unless the app has started a response, and close the connection. The
+        request's cycle is marked disconnected first so the app's receive() reports a disconnect
+        and its own late response is dropped rather than written after ours."""
+        cycle = self.cycle
+        busy = cycle is not None and not cycle.response_complete
+        # A new request's head: answer unless an earlier (pipelined) response is still going out.
+        # A request's body: answer unless the app has begun its own response.
+        answer = not busy if self._in_head else busy and not cycle.response_started
+        self._disarm()
+        self._in_head = self._in_body = False
+        if busy:
+            cycle.disconnected = True
+            cycle.message_event.set()
+        if answer and not self.transport.is_closing():
+            self.transport.write(raw_problem(status, detail, slug))
+        self.transport.close()
+
+
+def guarded_protocol(limits: Limits) -> type[GuardedHttpProtocol]:
+    """The protocol class for uvicorn's `http=` with these limits."""
+    return type("GuardedHttpProtocol", (GuardedHttpProtocol,), {"limits": limits})
+
+
+def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> Any:
+    """The uvicorn configuration `mediad serve` runs with; the tests' servers use it too."""
+    import uvicorn
+
+    options: dict[str, Any] = {
+        "host": settings.host, "port": settings.port, "log_config": None, "server_header": False,
+        "timeout_graceful_shutdown": 30, "http": guarded_protocol(Limits.from_settings(settings)),
+        "ws": "none",
+    }
+    return uvicorn.Config(app, **{**options, **overrides})

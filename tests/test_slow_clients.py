@@ -1,0 +1,248 @@
+"""Slow and oversized clients (mediad/server.py): a request head must arrive within
+MEDIAD_HEADER_TIMEOUT_S, a body may pause at most MEDIAD_BODY_TIMEOUT_S, a head is capped at
+MEDIAD_MAX_HEADER_BYTES (431), and while hundreds of clients dawdle a normal one is served."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import statistics
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from conftest import Server, User, assert_problem, make_settings, make_user, mediad_process, serve_in_thread
+
+MiB = 1024 * 1024
+HEAD_TIMEOUT = 1.0
+BODY_TIMEOUT = 1.0
+MAX_HEAD = 8 * 1024
+
+
+@pytest.fixture(scope="module")
+def guarded(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    settings = make_settings(tmp_path_factory.mktemp("guarded"), header_timeout_s=HEAD_TIMEOUT,
+                             body_timeout_s=BODY_TIMEOUT, max_header_bytes=MAX_HEAD)
+    with serve_in_thread(settings, database_url) as running:
+        yield running
+
+
+@pytest.fixture
+async def http(guarded: Server) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=guarded.url, timeout=10) as client:
+        yield client
+
+
+@contextlib.asynccontextmanager
+async def connection(url: str) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    parts = urlsplit(url)
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+def head(method: str, target: str, headers: dict[str, str]) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1", "Host: 127.0.0.1", *(f"{k}: {v}" for k, v in headers.items())]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def parse_answer(raw: bytes) -> httpx.Response:
+    """A response the server sent before closing the connection (every refusal closes it)."""
+    head_bytes, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *lines = head_bytes.decode("latin-1").split("\r\n")
+    headers = [(k.strip(), v.strip()) for k, v in (line.split(":", 1) for line in lines)]
+    assert dict((k.lower(), v) for k, v in headers)["connection"] == "close"
+    return httpx.Response(int(status_line.split()[1]), headers=headers, content=body)
+
+
+async def read_answer(reader: asyncio.StreamReader, timeout: float = 10) -> httpx.Response:
+    async with asyncio.timeout(timeout):
+        return parse_answer(await reader.read(-1))
+
+
+async def dribble(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes,
+                  interval: float) -> bytes:
+    """Sends `data` a byte per `interval` until the server answers; returns the answer (b"" if
+    the server hung up without one, or if all of `data` went out unanswered)."""
+    for byte in data:
+        try:
+            writer.write(bytes([byte]))
+            await writer.drain()
+            first = await asyncio.wait_for(reader.read(65536), interval)  # a cancelled read loses nothing
+        except TimeoutError:
+            continue
+        except ConnectionError:
+            return b""
+        return first + await asyncio.wait_for(reader.read(-1), 5)
+    return b""
+
+
+def stray_files(server: Server) -> list[Path]:
+    return server.stray_temp_files() + server.partial_files()
+
+
+async def test_a_head_over_the_cap_gets_431(http: httpx.AsyncClient) -> None:
+    body = assert_problem(await http.get("/health", headers={"X-Filler": "a" * MAX_HEAD}), 431)
+    assert str(MAX_HEAD) in body["detail"]
+    many = {f"X-Filler-{i}": "b" * 100 for i in range(MAX_HEAD // 100)}
+    assert_problem(await http.get("/health", headers=many), 431)
+    # Just under the cap is an ordinary request.
+    assert (await http.get("/health", headers={"X-Filler": "c" * (MAX_HEAD - 512)})).status_code == 200
+
+
+async def test_a_head_over_the_cap_that_never_ends_gets_431(guarded: Server) -> None:
+    """httptools buffers a header value until it ends: the cap must hold for one still arriving."""
+    async with connection(guarded.url) as (reader, writer):
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Endless: " + b"a" * (4 * MAX_HEAD))
+        answer = await read_answer(reader)
+    assert_problem(answer, 431)
+
+
+async def test_malformed_http_gets_a_problem_400(guarded: Server) -> None:
+    async with connection(guarded.url) as (reader, writer):
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\nBad Header Name: 1\r\n\r\n")
+        answer = await read_answer(reader)
+    assert_problem(answer, 400)
+
+
+async def test_a_head_that_dawdles_gets_408_and_is_closed(guarded: Server) -> None:
+    async with connection(guarded.url) as (reader, writer):
+        started = time.monotonic()  # 4 bytes a second: this head would take 8 s
+        answer = parse_answer(await dribble(reader, writer, b"GET /health HTTP/1.1\r\nHost: x\r\n", 0.25))
+    assert_problem(answer, 408)
+    assert HEAD_TIMEOUT <= time.monotonic() - started < HEAD_TIMEOUT + 3
+
+
+async def test_a_connection_that_sends_nothing_is_closed(guarded: Server) -> None:
+    async with connection(guarded.url) as (reader, _writer):
+        started = time.monotonic()
+        assert_problem(await read_answer(reader), 408)
+    assert time.monotonic() - started < HEAD_TIMEOUT + 3
+
+
+async def test_the_head_deadline_applies_to_each_request_on_a_kept_alive_connection(guarded: Server) -> None:
+    async with connection(guarded.url) as (reader, writer):
+        writer.write(head("GET", "/health", {}))
+        first = await reader.readuntil(b"\r\n\r\n")
+        assert first.startswith(b"HTTP/1.1 200")
+        await reader.readexactly(int(first.lower().split(b"content-length: ")[1].split(b"\r\n")[0]))
+        writer.write(b"GET /health HTTP/1.1\r\n")  # the second request's head starts, then stops
+        assert_problem(await read_answer(reader), 408)
+
+
+async def test_a_stalled_upload_gets_408_and_leaves_nothing(guarded: Server, http: httpx.AsyncClient) -> None:
+    user = await make_user(http)
+    async with connection(guarded.url) as (reader, writer):
+        writer.write(head("PUT", "/files?path=/stalled.bin", {**user.auth, "Content-Length": str(4 * MiB)}))
+        writer.write(os.urandom(MiB))  # a quarter of the promised body, then nothing
+        started = time.monotonic()
+        answer = await read_answer(reader)
+    body = assert_problem(answer, 408)
+    assert "stalled" in body["detail"]
+    assert BODY_TIMEOUT <= time.monotonic() - started < BODY_TIMEOUT + 3
+    assert (await http.get("/files", headers=user.auth)).json()["files"] == []
+    for _ in range(50):
+        if not stray_files(guarded):
+            break
+        await asyncio.sleep(0.1)
+    assert stray_files(guarded) == []
+
+
+async def test_a_slow_but_steady_upload_is_not_cut_off(guarded: Server, http: httpx.AsyncClient) -> None:
+    """The body deadline is for silence, not for the whole transfer: chunks every 0.4 s over
+    4 s (four body timeouts) make a complete upload."""
+    user = await make_user(http)
+    chunks = [os.urandom(64 * 1024) for _ in range(10)]
+    data = b"".join(chunks)
+    async with connection(guarded.url) as (reader, writer):
+        writer.write(head("PUT", "/files?path=/steady.bin", {**user.auth, "Content-Length": str(len(data))}))
+        for chunk in chunks:
+            writer.write(chunk)
+            await writer.drain()
+            await asyncio.sleep(BODY_TIMEOUT * 0.4)
+        status_line = await asyncio.wait_for(reader.readline(), 10)
+    assert status_line.startswith(b"HTTP/1.1 201"), status_line
+    stored = (await http.get("/download", params={"path": "/steady.bin"}, headers=user.auth)).content
+    assert hashlib.sha256(stored).hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+# ---- 200 slow heads and 50 stalled uploads against `mediad serve` -----------------------------
+
+SLOW_HEADS = 200
+STALLED_UPLOADS = 50
+LOAD_TIMEOUT = 4.0  # seconds, for both deadlines in the load test
+
+
+async def dribble_head(url: str, closed: list[float], answers: list[int]) -> None:
+    """Sends a request head one byte a second until the server hangs up."""
+    async with connection(url) as (reader, writer):
+        started = time.monotonic()
+        raw = await dribble(reader, writer, b"GET /health HTTP/1.1\r\nHost: slow\r\nX-Slow: " + b"z" * 100, 1.0)
+        answers.append(int(raw.split()[1]) if raw else 0)
+        closed.append(time.monotonic() - started)
+
+
+async def stall_upload(url: str, user: User, closed: list[float], answers: list[int]) -> None:
+    async with connection(url) as (reader, writer):
+        writer.write(head("POST", "/files?name=stalled.bin", {**user.auth, "Content-Length": str(16 * MiB)}))
+        writer.write(os.urandom(256 * 1024))
+        started = time.monotonic()
+        with contextlib.suppress(ConnectionError):
+            async with asyncio.timeout(LOAD_TIMEOUT * 4):
+                raw = await reader.read(-1)
+                answers.append(int(raw.split()[1]) if raw else 0)
+        closed.append(time.monotonic() - started)
+
+
+@pytest.mark.timeout(120)
+async def test_slow_clients_do_not_starve_a_normal_one(database_url: str, tmp_path: Path) -> None:
+    env = {"MEDIAD_HEADER_TIMEOUT_S": str(LOAD_TIMEOUT), "MEDIAD_BODY_TIMEOUT_S": str(LOAD_TIMEOUT)}
+    with mediad_process(tmp_path / "data", database_url=database_url, env=env) as server:
+        pid = server.process.pid if server.process else 0
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
+            user = await make_user(http)
+            # Warm: the database pool holds all it keeps, so what is counted later is what leaked.
+            await asyncio.gather(*(http.get("/files", headers=user.auth) for _ in range(40)))
+            fds_before = len(os.listdir(f"/proc/{pid}/fd"))
+            closed: dict[str, list[float]] = {"heads": [], "uploads": []}
+            answers: dict[str, list[int]] = {"heads": [], "uploads": []}
+            slow = [asyncio.create_task(dribble_head(server.url, closed["heads"], answers["heads"]))
+                    for _ in range(SLOW_HEADS)]
+            slow += [asyncio.create_task(stall_upload(server.url, user, closed["uploads"], answers["uploads"]))
+                     for _ in range(STALLED_UPLOADS)]
+            await asyncio.sleep(1)  # all connected and dawdling
+
+            latencies = []
+            while not all(task.done() for task in slow):
+                started = time.perf_counter()
+                assert (await http.get("/health")).status_code == 200
+                latencies.append(time.perf_counter() - started)
+                await asyncio.sleep(0.02)
+            await asyncio.gather(*slow)
+
+            assert len(closed["heads"]) == SLOW_HEADS and len(closed["uploads"]) == STALLED_UPLOADS
+            assert set(answers["heads"]) == {408} and set(answers["uploads"]) == {408}, answers
+            assert max(closed["heads"] + closed["uploads"]) < LOAD_TIMEOUT + 4
+            p99 = statistics.quantiles(latencies, n=100)[98]
+            print(f"/health during {SLOW_HEADS} slow heads + {STALLED_UPLOADS} stalled uploads: "
+                  f"{len(latencies)} requests, p50 {statistics.median(latencies) * 1000:.1f} ms, "
+                  f"p99 {p99 * 1000:.1f} ms")
+            assert len(latencies) >= 50
+            assert p99 < 0.100
+
+            assert (await http.get("/files", headers=user.auth)).json()["files"] == []
+            for _ in range(50):  # the stalled uploads' temp files go as their requests end
+                if not stray_files(server) and len(os.listdir(f"/proc/{pid}/fd")) <= fds_before:
+                    break
+                await asyncio.sleep(0.1)
+            assert stray_files(server) == []
+            assert len(os.listdir(f"/proc/{pid}/fd")) <= fds_before
