@@ -77,6 +77,8 @@ _TIME: Schema = {"type": "string", "format": "date-time", "examples": ["2026-11-
 _BINARY: Schema = {"type": "string", "format": "binary"}
 _COUNT: Schema = {"type": "integer", "minimum": 0}
 _TEXT: Schema = {"type": "string"}
+_ABSOLUTE: Schema = {"type": "string", "pattern": "^/",
+                     "description": "Absolute; no `.`/`..` segments, NUL or control characters (else 422)."}
 
 
 def _object(properties: Schema, required: list[str] | None = None, description: str = "") -> Schema:
@@ -183,13 +185,41 @@ def _body(content: Schema, description: str = "", required: bool = True) -> Sche
     return {"description": description, "required": required, "content": content}
 
 
-def _ok(description: str, schema: Schema | None = None, headers: dict[str, str] | None = None) -> Schema:
+def _ok(description: str, schema: Schema | None = None, headers: dict[str, str] | None = None,
+        links: Schema | None = None) -> Schema:
     response: Schema = {"description": description}
     if schema is not None:
         response["content"] = _json(schema)
     if headers:
         response["headers"] = {name: {"description": text, "schema": _TEXT} for name, text in headers.items()}
+    if links:
+        response["links"] = links
     return response
+
+
+# ---- links: what a response lets a client do next (OpenAPI 3.1 §4.8.20) ---------------------------
+
+def _operation_ref(path: str, method: str) -> str:
+    """A JSON pointer (RFC 6901) to an operation of this document."""
+    return "#/paths/" + path.replace("~", "~0").replace("/", "~1") + "/" + method
+
+
+def _link(path: str, method: str, description: str, **parameters: str) -> Schema:
+    """A link to `method path`, its parameters filled from runtime expressions of the response."""
+    return {"operationRef": _operation_ref(path, method), "description": description,
+            "parameters": {name.replace("__", "."): value for name, value in parameters.items()}}
+
+
+def _file_links(file_id: str) -> Schema:
+    """Everything a client can do with a File whose id is at the runtime expression `file_id`."""
+    return {
+        "GetFile": _link("/files/{file_id}", "get", "The File's metadata.", file_id=file_id),
+        "GetFileContent": _link("/files/{file_id}/content", "get", "Its bytes.", file_id=file_id),
+        "HeadFileContent": _link("/files/{file_id}/content", "head", "Its download headers.", file_id=file_id),
+        "DownloadById": _link("/download", "get", "Its bytes, by id.", query__id=file_id),
+        "CreateLink": _link("/files/{file_id}/links", "post", "A signed link to it.", file_id=file_id),
+        "DeleteFile": _link("/files/{file_id}", "delete", "Delete it.", file_id=file_id),
+    }
 
 
 def _op(summary: str, responses: Schema, *, description: str = "", params: list[Schema] | None = None,
@@ -273,9 +303,11 @@ _USERS: dict[str, Schema] = {
         body=_body(_json(_ref("schemas", "Login"))), security=_PUBLIC, tag="users")},
 }
 
+_FILE_BODY_LINKS = _file_links("$response.body#/id")
 _UPLOAD_RESPONSES: Schema = {
-    "201": _ok("Created.", _FILE, _LOCATION),
-    "200": _ok("Replaced the caller's file at that path (same id, new content).", _FILE, _LOCATION),
+    "201": _ok("Created.", _FILE, _LOCATION, _FILE_BODY_LINKS),
+    "200": _ok("Replaced the caller's file at that path (same id, new content).", _FILE, _LOCATION,
+               _FILE_BODY_LINKS),
     **_errors(400, 401, 413, 422, 503, 507),
 }
 
@@ -288,7 +320,7 @@ _FILES: dict[str, Schema] = {
                         "by `?name=` or a `Content-Disposition` request header. Streamed: memory stays "
                         "flat. A failed or aborted upload leaves no row and no file.",
             params=[_param("name", "query", "The file name, for a raw body."),
-                    _param("path", "query", "A virtual path; ending in / makes it a folder."),
+                    _param("path", "query", "A virtual path; ending in / makes it a folder.", _ABSOLUTE),
                     _param("Content-Disposition", "header",
                            "`attachment; filename*=UTF-8''…` names a raw body.")],
             body=_body({"multipart/form-data": {"schema": _object({
@@ -297,21 +329,22 @@ _FILES: dict[str, Schema] = {
             }, required=["file"])}, **_RAW_BODY})),
         "put": _op(
             "Upload a raw body to a virtual path", _UPLOAD_RESPONSES,
-            params=[_param("path", "query", "`/dir/name.ext`, or a folder ending in /.", required=True),
+            params=[_param("path", "query", "`/dir/name.ext`, or a folder ending in /.", _ABSOLUTE, required=True),
                     _param("name", "query", "The file name, when the path is a folder.")],
             body=_body(_RAW_BODY)),
         "get": _op(
             "List the caller's files, newest first",
             {"200": _ok("One page.", _ref("schemas", "FileList")), **_errors(401, 422, 503)},
             description="Ordered by `created_at`, then `id`, descending: stable across pages.",
-            params=[_param("prefix", "query", "Only paths that start with this (absolute)."),
+            params=[_param("prefix", "query", "Only paths that start with this (absolute).", _ABSOLUTE),
                     _param("limit", "query", "Page size.",
                            {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}),
                     _param("cursor", "query", "The `next_cursor` of the previous page.")]),
     },
     "/files/{file_id}": {
         "parameters": [_FILE_ID],
-        "get": _op("A File's metadata", {"200": _ok("The File.", _FILE), **_errors(401, 404, 503)}),
+        "get": _op("A File's metadata", {"200": _ok("The File.", _FILE, links=_FILE_BODY_LINKS),
+                                         **_errors(401, 404, 503)}),
         "delete": _op("Delete a file", {
             "204": _ok("Deleted: the row, the local bytes and (asynchronously, with retries) the cloud "
                        "copy."),
@@ -335,7 +368,7 @@ _FILES: dict[str, Schema] = {
     },
     "/download": _download("Download by id or by virtual path", [
         _param("id", "query", "The File's id (give exactly one of id and path).", _UUID),
-        _param("path", "query", "The File's virtual path.")], _errors(401, 404, 412, 416, 422, 503)),
+        _param("path", "query", "The File's virtual path.", _ABSOLUTE)], _errors(401, 404, 412, 416, 422, 503)),
     "/usage": {"get": _op("The caller's file count and bytes", {
         "200": _ok("Usage.", _ref("schemas", "Usage")), **_errors(401, 503)})},
 }
@@ -343,7 +376,12 @@ _FILES: dict[str, Schema] = {
 _RECORDS: dict[str, Schema] = {
     "/records": {"post": _op(
         "Upload a WAV recording, stored as MP3",
-        {"201": _ok("Created.", _ref("schemas", "Record"), _LOCATION),
+        {"201": _ok("Created.", _ref("schemas", "Record"), _LOCATION, {
+            "GetRecord": _link("/record", "get", "Play the record (no token).",
+                               query__id="$response.body#/id", query__user="$response.body#/user"),
+            "HeadRecord": _link("/record", "head", "The record's download headers (no token).",
+                                query__id="$response.body#/id", query__user="$response.body#/user"),
+            **_FILE_BODY_LINKS}),
          **_errors(400, 401, 413, 415, 422, 503, 507)},
         description="The caller is identified by the bearer token or by the form fields `user` and "
                     "`token`. The WAV is validated (else 415) and converted to MP3 (`audio/mpeg`, named "
@@ -363,6 +401,11 @@ for _operation in ("get", "head"):
     _RECORDS["/record"][_operation]["tags"] = ["records"]
 
 _TUS_HEADERS = {"Tus-Resumable": "`1.0.0`"}
+# tus 1.0.0: comma-separated pairs of a key (no space or comma) and an optional base64 value.
+_TUS_PAIR = "[^ ,]+( [A-Za-z0-9+/]*={0,2})?"
+_TUS_METADATA: Schema = {"type": "string", "pattern": f"^{_TUS_PAIR}(,{_TUS_PAIR})*$",
+                         "examples": ["filename cmVwb3J0LnBkZg==,path L2RvY3Mv"]}
+_FILE_HEADER_LINKS = _file_links("$response.header.Mediad-File-Id")  # the File a finished upload made
 _UPLOADS: dict[str, Schema] = {
     "/uploads": {
         "options": _op("tus discovery", {"204": _ok("What this server supports.", headers={
@@ -375,12 +418,13 @@ _UPLOADS: dict[str, Schema] = {
             {"201": _ok("Created.", headers={
                 "Location": "`/uploads/{id}`", "Upload-Expires": "HTTP date.",
                 "Upload-Offset": "When a first chunk came with the request.",
-                "Mediad-File-Id": "When that chunk completed the upload.", **_TUS_HEADERS}),
+                "Mediad-File-Id": "When that chunk completed the upload.", **_TUS_HEADERS},
+                links=_FILE_HEADER_LINKS),
              **_errors(400, 401, 412, 413, 415, 422, 460, 503, 507)},
             params=[_TUS_RESUMABLE,
                     _param("Upload-Length", "header", "Total bytes.", _COUNT, required=True),
                     _param("Upload-Metadata", "header", "`filename <base64>` (required), `path <base64>` "
-                           "(optional); `filetype` is ignored.", required=True),
+                           "(optional); `filetype` is ignored.", _TUS_METADATA, required=True),
                     _param("Upload-Checksum", "header", _CHECKSUM)],
             body=_body(_OFFSET_STREAM, "An optional first chunk.", required=False), tag="uploads"),
     },
@@ -396,7 +440,7 @@ _UPLOADS: dict[str, Schema] = {
             "Append a chunk",
             {"204": _ok("Appended.", headers={"Upload-Offset": "The new offset.",
                                               "Mediad-File-Id": "When this chunk completed the upload.",
-                                              **_TUS_HEADERS}),
+                                              **_TUS_HEADERS}, links=_FILE_HEADER_LINKS),
              **_errors(400, 401, 404, 409, 412, 413, 415, 423, 460, 503, 507)},
             description="`Upload-Offset` must equal the current offset (else 409). The PATCH that "
                         "completes the upload turns it into a File exactly as POST /files would.",
