@@ -27,6 +27,8 @@ from .errors import BadRequest, InsufficientStorage, PayloadTooLarge, Unprocessa
 from .files import file_json
 from .formdata import (
     BaseTarget,
+    Envelope,
+    LimitExceeded,
     MaxSizeValidator,
     ParseFailedException,
     StreamingFormDataParser,
@@ -36,8 +38,9 @@ from .formdata import (
 )
 from .storage import Blob, BlobWriter, is_disk_full
 
-_TAIL_BYTES = 1024
 MULTIPART_ENVELOPE = 64 * 1024  # allowance for boundaries and part headers over the file's bytes
+MAX_PARTS = 100  # a file, a path and whatever else a web form sends along
+MAX_PART_HEADER_BYTES = MULTIPART_ENVELOPE  # the headers of all parts together
 _MAX_NAME_CHARS = 1024
 _MAX_PATH_CHARS = 4096
 _SEPARATORS = re.compile(r"[/\\]")
@@ -228,7 +231,8 @@ async def receive_multipart(request: Request, writer: BlobWriter,
     _check_declared(request, max_bytes + MULTIPART_ENVELOPE, "multipart body")
     try:
         parser = StreamingFormDataParser(headers=request.headers)
-        closing = b"\r\n--" + parse_content_boundary(request.headers) + b"--"
+        envelope = Envelope(parse_content_boundary(request.headers), max_parts=MAX_PARTS,
+                            max_header_bytes=MAX_PART_HEADER_BYTES)
     except ParseFailedException as exc:
         raise BadRequest(f"malformed multipart/form-data: {exc}") from None
     part = _FilePart()
@@ -237,14 +241,16 @@ async def receive_multipart(request: Request, writer: BlobWriter,
     for name, target in texts.items():
         parser.register(name, target)
 
-    # The parser does not notice a body cut off before its closing delimiter: watch for it.
-    tail, received = b"", 0
+    received = 0
     async for chunk in _body(request):
         received += len(chunk)
         if received > max_bytes + MULTIPART_ENVELOPE:
             raise PayloadTooLarge(f"the multipart body is over the limit of {max_bytes} bytes plus envelope")
         try:
+            envelope.feed(chunk)  # first: what is over a cap never reaches the parser's buffers
             parser.data_received(chunk)
+        except LimitExceeded as exc:
+            raise BadRequest(str(exc)) from None
         except ValidationError:
             raise Unprocessable(f"a text field ({', '.join(fields)}) is too long") from None
         except (ParseFailedException, UnicodeDecodeError) as exc:  # part headers must be UTF-8
@@ -257,13 +263,11 @@ async def receive_multipart(request: Request, writer: BlobWriter,
         for data in part.pending:
             await writer.write(data)
         part.pending.clear()
-        tail = (tail + chunk[-_TAIL_BYTES:])[-_TAIL_BYTES:]
 
     if part.parts == 0:
         raise BadRequest("the multipart body has no part named 'file'")
-    # The close delimiter ends the body (an epilogue after it is allowed but nobody sends a long one);
-    # looking only at the last bytes keeps this off the per-chunk path.
-    if closing not in tail or not part.finished:
+    # The parser does not notice a body cut off before its close delimiter.
+    if not envelope.closed or not part.finished:
         raise BadRequest("the multipart body ended before its closing boundary")
     values = {}
     for name, target in texts.items():
@@ -272,7 +276,19 @@ async def receive_multipart(request: Request, writer: BlobWriter,
                 values[name] = target.value.decode("utf-8")
             except UnicodeDecodeError:
                 raise Unprocessable(f"the {name} field is not valid UTF-8") from None
-    return part.multipart_filename, values
+    return _file_part_filename(envelope.dispositions, part.multipart_filename), values
+
+
+def _file_part_filename(dispositions: list[str], parsed: str | None) -> str | None:
+    """The `file` part's filename read from its raw Content-Disposition, as for a request header:
+    the parser's own reading unescapes every backslash in a quoted filename, but browsers send a
+    Windows path's backslashes raw (WHATWG), and those separators must survive to be split on."""
+    for header in dispositions:
+        message = Message()
+        message["content-disposition"] = header
+        if message.get_param("name", header="content-disposition") == "file":
+            return filename_from_disposition(header)
+    return parsed  # a name the parser matched in some other spelling (RFC 2231 name*=)
 
 
 async def _receive_raw(request: Request, writer: BlobWriter) -> None:
