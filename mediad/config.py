@@ -61,7 +61,7 @@ class Settings:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
     max_header_bytes: int = 32 * 1024
-    db_pool_size: int = 10
+    db_pool_size: int = 20
     db_pool_timeout_s: float = 5.0
     log_level: str = "INFO"
     log_file: Path | None = None

@@ -142,8 +142,11 @@ def async_url(url: str) -> str:
 def create_engine(url: str, settings: Settings) -> AsyncEngine:
     engine = create_async_engine(
         async_url(url),
+        # No overflow: an overflow connection is closed as soon as it is returned, so under load
+        # every burst forked PostgreSQL backends and re-ran asyncpg's setup (618 in a 120 s soak,
+        # 18 % of a core); waiting a moment for a pooled connection is cheaper than opening one.
         pool_size=settings.db_pool_size,
-        max_overflow=settings.db_pool_size,
+        max_overflow=0,
         pool_timeout=settings.db_pool_timeout_s,
         # No pre-ping: with asyncpg it costs extra round trips on every checkout (measured: ~6 per
         # SELECT 1, and /health p99 of 400+ ms under 32 concurrent uploads). A connection found dead
@@ -224,10 +227,14 @@ async def insert_token(conn: AsyncConnection, user_id: uuid.UUID, token_hash: by
     await conn.execute(sa.insert(tokens).values(token_hash=token_hash, user_id=user_id))
 
 
+# The statements every request runs are built once: building a Select and its cache key costs
+# ~200 µs a request, a prebuilt one's key is memoised (ops/soak.py showed the difference).
+_USER_FOR_TOKEN = sa.select(tokens.c.user_id, tokens.c.token_hash).where(
+    tokens.c.token_hash == sa.bindparam("token_hash"))
+
+
 async def user_for_token(conn: AsyncConnection, token_hash: bytes) -> tuple[uuid.UUID, bytes] | None:
-    result = await conn.execute(
-        sa.select(tokens.c.user_id, tokens.c.token_hash).where(tokens.c.token_hash == token_hash)
-    )
+    result = await conn.execute(_USER_FOR_TOKEN, {"token_hash": token_hash})
     row = result.first()
     return (row.user_id, row.token_hash) if row else None
 
@@ -245,14 +252,22 @@ async def file_for_token(conn: AsyncConnection, token_hash: bytes, *, file_id: u
                          path: str | None = None) -> Row[Any] | None:
     """Authentication and lookup in one round trip (downloads are hot: media players send many
     range requests). None: unknown token; a row whose `id` is None: no such file for that user."""
-    match = files.c.owner_id == tokens.c.user_id
-    match &= files.c.id == file_id if file_id is not None else files.c.path == path
-    result = await conn.execute(
-        sa.select(tokens.c.user_id.label("token_user_id"), *files.c)
-        .select_from(tokens.outerjoin(files, match))
-        .where(tokens.c.token_hash == token_hash)
-    )
+    if file_id is not None:
+        result = await conn.execute(_FILE_BY_ID_FOR_TOKEN, {"token_hash": token_hash, "key": file_id})
+    else:
+        result = await conn.execute(_FILE_BY_PATH_FOR_TOKEN, {"token_hash": token_hash, "key": path})
     return result.first()
+
+
+def _file_for_token(key: sa.ColumnElement[Any]) -> sa.Select[Any]:
+    match = (files.c.owner_id == tokens.c.user_id) & (key == sa.bindparam("key", type_=key.type))
+    return (sa.select(tokens.c.user_id.label("token_user_id"), *files.c)
+            .select_from(tokens.outerjoin(files, match))
+            .where(tokens.c.token_hash == sa.bindparam("token_hash")))
+
+
+_FILE_BY_ID_FOR_TOKEN = _file_for_token(files.c.id)
+_FILE_BY_PATH_FOR_TOKEN = _file_for_token(files.c.path)
 
 
 async def get_file_by_path(conn: AsyncConnection, owner_id: uuid.UUID, path: str) -> Row[Any] | None:
