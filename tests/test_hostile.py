@@ -17,8 +17,7 @@ from urllib.parse import quote, unquote
 
 import httpx
 import pytest
-from conftest import Server, User, assert_problem
-from test_uploads import eventually, http_chunk, raw_connection, read_response, request_head
+from conftest import Server, User, assert_problem, eventually, http_chunk, raw_connection, read_response, request_head
 
 from mediad.formdata import Envelope, LimitExceeded
 from mediad.uploads import MAX_PART_HEADER_BYTES, MAX_PARTS

@@ -12,11 +12,21 @@ import statistics
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from conftest import Server, User, assert_problem, make_settings, make_user, mediad_process, serve_in_thread
+from conftest import (
+    Server,
+    User,
+    assert_problem,
+    eventually,
+    make_settings,
+    make_user,
+    mediad_process,
+    raw_connection,
+    request_head,
+    serve_in_thread,
+)
 
 MiB = 1024 * 1024
 HEAD_TIMEOUT = 1.0
@@ -36,23 +46,6 @@ def guarded(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
 async def http(guarded: Server) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=guarded.url, timeout=10) as client:
         yield client
-
-
-@contextlib.asynccontextmanager
-async def connection(url: str) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
-    parts = urlsplit(url)
-    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
-    try:
-        yield reader, writer
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-
-
-def head(method: str, target: str, headers: dict[str, str]) -> bytes:
-    lines = [f"{method} {target} HTTP/1.1", "Host: 127.0.0.1", *(f"{k}: {v}" for k, v in headers.items())]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
 def parse_answer(raw: bytes) -> httpx.Response:
@@ -101,21 +94,21 @@ async def test_a_head_over_the_cap_gets_431(http: httpx.AsyncClient) -> None:
 
 async def test_a_head_over_the_cap_that_never_ends_gets_431(guarded: Server) -> None:
     """httptools buffers a header value until it ends: the cap must hold for one still arriving."""
-    async with connection(guarded.url) as (reader, writer):
+    async with raw_connection(guarded) as (reader, writer):
         writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Endless: " + b"a" * (4 * MAX_HEAD))
         answer = await read_answer(reader)
     assert_problem(answer, 431)
 
 
 async def test_malformed_http_gets_a_problem_400(guarded: Server) -> None:
-    async with connection(guarded.url) as (reader, writer):
+    async with raw_connection(guarded) as (reader, writer):
         writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\nBad Header Name: 1\r\n\r\n")
         answer = await read_answer(reader)
     assert_problem(answer, 400)
 
 
 async def test_a_head_that_dawdles_gets_408_and_is_closed(guarded: Server) -> None:
-    async with connection(guarded.url) as (reader, writer):
+    async with raw_connection(guarded) as (reader, writer):
         started = time.monotonic()  # 4 bytes a second: this head would take 8 s
         answer = parse_answer(await dribble(reader, writer, b"GET /health HTTP/1.1\r\nHost: x\r\n", 0.25))
     assert_problem(answer, 408)
@@ -123,15 +116,15 @@ async def test_a_head_that_dawdles_gets_408_and_is_closed(guarded: Server) -> No
 
 
 async def test_a_connection_that_sends_nothing_is_closed(guarded: Server) -> None:
-    async with connection(guarded.url) as (reader, _writer):
+    async with raw_connection(guarded) as (reader, _writer):
         started = time.monotonic()
         assert_problem(await read_answer(reader), 408)
     assert time.monotonic() - started < HEAD_TIMEOUT + 3
 
 
 async def test_the_head_deadline_applies_to_each_request_on_a_kept_alive_connection(guarded: Server) -> None:
-    async with connection(guarded.url) as (reader, writer):
-        writer.write(head("GET", "/health", {}))
+    async with raw_connection(guarded) as (reader, writer):
+        writer.write(request_head("GET", "/health", {}))
         first = await reader.readuntil(b"\r\n\r\n")
         assert first.startswith(b"HTTP/1.1 200")
         await reader.readexactly(int(first.lower().split(b"content-length: ")[1].split(b"\r\n")[0]))
@@ -141,8 +134,8 @@ async def test_the_head_deadline_applies_to_each_request_on_a_kept_alive_connect
 
 async def test_a_stalled_upload_gets_408_and_leaves_nothing(guarded: Server, http: httpx.AsyncClient) -> None:
     user = await make_user(http)
-    async with connection(guarded.url) as (reader, writer):
-        writer.write(head("PUT", "/files?path=/stalled.bin", {**user.auth, "Content-Length": str(4 * MiB)}))
+    async with raw_connection(guarded) as (reader, writer):
+        writer.write(request_head("PUT", "/files?path=/stalled.bin", {**user.auth, "Content-Length": str(4 * MiB)}))
         writer.write(os.urandom(MiB))  # a quarter of the promised body, then nothing
         started = time.monotonic()
         answer = await read_answer(reader)
@@ -150,11 +143,7 @@ async def test_a_stalled_upload_gets_408_and_leaves_nothing(guarded: Server, htt
     assert "stalled" in body["detail"]
     assert BODY_TIMEOUT <= time.monotonic() - started < BODY_TIMEOUT + 3
     assert (await http.get("/files", headers=user.auth)).json()["files"] == []
-    for _ in range(50):
-        if not stray_files(guarded):
-            break
-        await asyncio.sleep(0.1)
-    assert stray_files(guarded) == []
+    assert await eventually(lambda: not stray_files(guarded)), stray_files(guarded)
 
 
 async def test_a_slow_but_steady_upload_is_not_cut_off(guarded: Server, http: httpx.AsyncClient) -> None:
@@ -163,8 +152,8 @@ async def test_a_slow_but_steady_upload_is_not_cut_off(guarded: Server, http: ht
     user = await make_user(http)
     chunks = [os.urandom(64 * 1024) for _ in range(10)]
     data = b"".join(chunks)
-    async with connection(guarded.url) as (reader, writer):
-        writer.write(head("PUT", "/files?path=/steady.bin", {**user.auth, "Content-Length": str(len(data))}))
+    async with raw_connection(guarded) as (reader, writer):
+        writer.write(request_head("PUT", "/files?path=/steady.bin", {**user.auth, "Content-Length": str(len(data))}))
         for chunk in chunks:
             writer.write(chunk)
             await writer.drain()
@@ -182,18 +171,18 @@ STALLED_UPLOADS = 50
 LOAD_TIMEOUT = 4.0  # seconds, for both deadlines in the load test
 
 
-async def dribble_head(url: str, closed: list[float], answers: list[int]) -> None:
+async def dribble_head(server: Server, closed: list[float], answers: list[int]) -> None:
     """Sends a request head one byte a second until the server hangs up."""
-    async with connection(url) as (reader, writer):
+    async with raw_connection(server) as (reader, writer):
         started = time.monotonic()
         raw = await dribble(reader, writer, b"GET /health HTTP/1.1\r\nHost: slow\r\nX-Slow: " + b"z" * 100, 1.0)
         answers.append(int(raw.split()[1]) if raw else 0)
         closed.append(time.monotonic() - started)
 
 
-async def stall_upload(url: str, user: User, closed: list[float], answers: list[int]) -> None:
-    async with connection(url) as (reader, writer):
-        writer.write(head("POST", "/files?name=stalled.bin", {**user.auth, "Content-Length": str(16 * MiB)}))
+async def stall_upload(server: Server, user: User, closed: list[float], answers: list[int]) -> None:
+    async with raw_connection(server) as (reader, writer):
+        writer.write(request_head("POST", "/files?name=stalled.bin", {**user.auth, "Content-Length": str(16 * MiB)}))
         writer.write(os.urandom(256 * 1024))
         started = time.monotonic()
         with contextlib.suppress(ConnectionError):
@@ -215,9 +204,9 @@ async def test_slow_clients_do_not_starve_a_normal_one(database_url: str, tmp_pa
             fds_before = len(os.listdir(f"/proc/{pid}/fd"))
             closed: dict[str, list[float]] = {"heads": [], "uploads": []}
             answers: dict[str, list[int]] = {"heads": [], "uploads": []}
-            slow = [asyncio.create_task(dribble_head(server.url, closed["heads"], answers["heads"]))
+            slow = [asyncio.create_task(dribble_head(server, closed["heads"], answers["heads"]))
                     for _ in range(SLOW_HEADS)]
-            slow += [asyncio.create_task(stall_upload(server.url, user, closed["uploads"], answers["uploads"]))
+            slow += [asyncio.create_task(stall_upload(server, user, closed["uploads"], answers["uploads"]))
                      for _ in range(STALLED_UPLOADS)]
             await asyncio.sleep(1)  # all connected and dawdling
 
@@ -240,9 +229,7 @@ async def test_slow_clients_do_not_starve_a_normal_one(database_url: str, tmp_pa
             assert p99 < 0.100
 
             assert (await http.get("/files", headers=user.auth)).json()["files"] == []
-            for _ in range(50):  # the stalled uploads' temp files go as their requests end
-                if not stray_files(server) and len(os.listdir(f"/proc/{pid}/fd")) <= fds_before:
-                    break
-                await asyncio.sleep(0.1)
-            assert stray_files(server) == []
-            assert len(os.listdir(f"/proc/{pid}/fd")) <= fds_before
+            # The stalled uploads' temp files and sockets go as their requests end.
+            assert await eventually(lambda: not stray_files(server)), stray_files(server)
+            assert await eventually(lambda: len(os.listdir(f"/proc/{pid}/fd")) <= fds_before), (
+                f"{len(os.listdir(f'/proc/{pid}/fd'))} descriptors open, {fds_before} before")

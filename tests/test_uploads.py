@@ -12,14 +12,24 @@ import struct
 import unicodedata
 import uuid
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import asyncpg
 import httpx
 import pytest
-from conftest import TEST_MAX_UPLOAD, Server, User, assert_problem
+from conftest import (
+    TEST_MAX_UPLOAD,
+    Server,
+    User,
+    assert_problem,
+    eventually,
+    http_chunk,
+    raw_connection,
+    read_response,
+    request_head,
+)
 
 from mediad.storage import blob_relpath
 
@@ -100,54 +110,12 @@ async def snapshot(server: Server) -> Snapshot:
     return [tuple(r) for r in rows], server.blob_files()
 
 
-async def eventually(predicate: Callable[[], bool], seconds: float = 5) -> bool:
-    """Whether `predicate` holds within `seconds`: cleanup after a disconnect trails the request."""
-    for _ in range(int(seconds / 0.02)):
-        if predicate():
-            return True
-        await asyncio.sleep(0.02)
-    return predicate()
-
-
 async def assert_unchanged(server: Server, before: Snapshot, settle: float = 0.0) -> None:
     """No temp file left, no row or blob added, changed or lost."""
     await eventually(lambda: not server.stray_temp_files())
     await asyncio.sleep(settle)
     assert server.stray_temp_files() == []
     assert await snapshot(server) == before
-
-
-@contextlib.asynccontextmanager
-async def raw_connection(server: Server) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
-    """A bare TCP connection, for what httpx will not do: stop mid-body, read an early answer."""
-    url = urlsplit(server.url)
-    reader, writer = await asyncio.open_connection(url.hostname, url.port)
-    try:
-        yield reader, writer
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-
-
-def request_head(method: str, target: str, headers: dict[str, str]) -> bytes:
-    lines = [f"{method} {target} HTTP/1.1", "Host: 127.0.0.1", *(f"{k}: {v}" for k, v in headers.items())]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
-
-def http_chunk(data: bytes) -> bytes:
-    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
-
-
-async def read_response(reader: asyncio.StreamReader) -> httpx.Response:
-    """The next response on a raw connection, as an httpx.Response (for assert_problem)."""
-    async with asyncio.timeout(10):
-        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
-        status_line, *lines = head.split("\r\n")[:-2]
-        headers = [(k.strip(), v.strip()) for k, v in (line.split(":", 1) for line in lines)]
-        length = int(dict((k.lower(), v) for k, v in headers).get("content-length", "0"))
-        body = await reader.readexactly(length)
-    return httpx.Response(int(status_line.split()[1]), headers=headers, content=body)
 
 
 async def send_past_limit(writer: asyncio.StreamWriter, chunked: bool, prefix: bytes = b"") -> None:
