@@ -8,6 +8,7 @@ exists (Granian); otherwise the file is read in large chunks off the event loop.
 from __future__ import annotations
 
 import email.utils
+import errno
 import logging
 import os
 import re
@@ -242,6 +243,29 @@ def _closing(boundary: str) -> bytes:
     return f"--{boundary}--\r\n".encode("latin-1")
 
 
+_nowait_reads = hasattr(os, "RWF_NOWAIT")
+
+
+def _read_cached(fd: int, size: int, offset: int) -> bytes | None:
+    """What of the span the page cache holds, read on the event loop (preadv2 with RWF_NOWAIT
+    never waits for the disk); None when the disk is needed, so the caller reads in a thread.
+    Media players send many small ranges of hot files: a thread hop each cost more than the read."""
+    global _nowait_reads
+    if not _nowait_reads:
+        return None
+    buffer = bytearray(size)
+    try:
+        read = os.preadv(fd, [buffer], offset, os.RWF_NOWAIT)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        if exc.errno != errno.EOPNOTSUPP:
+            raise
+        _nowait_reads = False  # a filesystem without non-blocking buffered reads: threads only
+        return None
+    return bytes(memoryview(buffer)[:read]) if read else None
+
+
 class LocalSource:
     """A blob on this server's disk, held open: a concurrent replace or eviction cannot swap it."""
 
@@ -251,7 +275,8 @@ class LocalSource:
 
     async def span(self, start: int, end: int) -> AsyncIterator[bytes]:
         while start < end:
-            chunk = await anyio.to_thread.run_sync(os.pread, self.fd, min(_CHUNK, end - start), start)
+            size = min(_CHUNK, end - start)
+            chunk = _read_cached(self.fd, size, start) or await anyio.to_thread.run_sync(os.pread, self.fd, size, start)
             if not chunk:
                 raise RuntimeError("the stored file is shorter than its recorded size")
             start += len(chunk)
