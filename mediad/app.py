@@ -31,8 +31,7 @@ from .cloud import CloudError, ObjectStore, Replicator
 from .config import Settings
 from .db import create_engine
 from .errors import MediaError, error_response, problem
-from .logs import AccessLogMiddleware
-from .metrics import Metrics, MetricsMiddleware, metrics_endpoint
+from .metrics import Metrics, TelemetryMiddleware, metrics_endpoint
 from .storage import Storage
 
 log = logging.getLogger("mediad")
@@ -120,7 +119,7 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
     ]
     return Starlette(
         routes=routes,
-        middleware=[Middleware(AccessLogMiddleware), Middleware(MetricsMiddleware, metrics)],
+        middleware=[Middleware(TelemetryMiddleware, metrics)],
         exception_handlers={
             MediaError: _media_error,
             HTTPException: _http_error,

@@ -1,4 +1,4 @@
-"""Prometheus metrics: one registry per app, a middleware that measures requests, GET /metrics.
+"""Prometheus metrics: one registry per app, the middleware that observes requests, GET /metrics.
 
 What only the request path sees (requests, durations, bytes, uploads in flight) is counted as
 requests pass. What the database and the disk know (the replication backlog, free space) is read
@@ -25,7 +25,7 @@ from starlette.responses import Response
 from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import db
+from . import db, logs
 from .cleanup import Report, disk_usage
 
 log = logging.getLogger("mediad.metrics")
@@ -145,9 +145,11 @@ class Metrics:
                                 "filesystem.", value=free)
 
 
-class MetricsMiddleware:
-    """Counts every HTTP request by route template, method and status, with its duration, and the
-    file bytes that upload and download routes move."""
+class TelemetryMiddleware:
+    """One wrapper per HTTP request feeds both records of it: the access log line (method, path,
+    status, bytes in and out, duration, request id, also sent back as X-Request-Id) and the
+    Prometheus series (requests and durations by route template, the file bytes that upload and
+    download routes move, uploads in flight)."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -162,46 +164,57 @@ class MetricsMiddleware:
             return
         metrics = self.metrics
         started = time.perf_counter()
+        request_id = logs.request_id(scope)
         method = scope["method"] if scope["method"] in _METHODS else "other"
-        status = 0
+        status = bytes_in = bytes_out = 0
         upload: bool | None = None  # decided at the first read of the body, after routing
         download = False
         length = 0
 
-        async def counting_receive() -> Message:
-            nonlocal upload
+        async def observed_receive() -> Message:
+            nonlocal upload, bytes_in
             if upload is None:
                 upload = _is_upload(method, route_template(scope))
                 if upload:
                     metrics.uploads_in_flight.inc()
             message = await receive()
-            if upload and message.get("body"):
-                metrics.uploaded.inc(len(message["body"]))
+            body = message.get("body")
+            if body:
+                bytes_in += len(body)
+                if upload:
+                    metrics.uploaded.inc(len(body))
             return message
 
-        async def counting_send(message: Message) -> None:
-            nonlocal status, download, length
+        async def observed_send(message: Message) -> None:
+            nonlocal status, download, length, bytes_out
             kind = message["type"]
             if kind == "http.response.start":
                 status = message["status"]
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
                 download = method == "GET" and route_template(scope) in _DOWNLOAD_ROUTES
                 if download:
-                    length = next((int(value) for name, value in message.get("headers", ())
+                    length = next((int(value) for name, value in message["headers"]
                                    if name.lower() == b"content-length" and value.isdigit()), 0)
-            elif download and kind == "http.response.body" and message.get("body"):
-                metrics.downloaded.inc(len(message["body"]))
-            elif download and kind == "http.response.pathsend":  # Granian sends the file itself
-                metrics.downloaded.inc(length)
+            elif kind == "http.response.body":
+                sent = len(message.get("body", b""))
+                bytes_out += sent
+                if download and sent:
+                    metrics.downloaded.inc(sent)
+            elif kind == "http.response.pathsend":  # Granian sends the file itself
+                bytes_out += length
+                if download:
+                    metrics.downloaded.inc(length)
             await send(message)
 
         try:
-            await self.app(scope, counting_receive, counting_send)
+            await self.app(scope, observed_receive, observed_send)
         except BaseException:
             status = status or 500  # ServerErrorMiddleware answers 500 outside us
             raise
         finally:
             if upload:
                 metrics.uploads_in_flight.dec()
+            duration = time.perf_counter() - started
             route = route_template(scope)
             series = self._series.get((route, method, status))
             if series is None:
@@ -209,7 +222,13 @@ class MetricsMiddleware:
                     metrics.requests.labels(route, method, str(status)),
                     metrics.duration.labels(route, method))
             series[0].inc()
-            series[1].observe(time.perf_counter() - started)
+            series[1].observe(duration)
+            logs.access_log.info(
+                "%s %s %s", scope["method"], scope["path"], status or "-",
+                extra={"method": scope["method"], "path": scope["path"], "status": status,
+                       "bytes_in": bytes_in, "bytes_out": bytes_out,
+                       "duration_ms": round(duration * 1000, 2), "request_id": request_id},
+            )
 
 
 async def metrics_endpoint(request: Request) -> Response:
