@@ -33,7 +33,8 @@ def _ref(kind: str, name: str) -> Schema:
 # ---- errors: one reusable response per status ---------------------------------------------------
 
 _PROBLEMS: dict[int, tuple[str, dict[str, str]]] = {
-    400: ("Malformed request: bad JSON, multipart or header.", {}),
+    400: ("Malformed request: bad JSON or header; multipart without a boundary, unterminated, with more "
+          "than 100 parts or more than 64 KiB of part headers.", {}),
     401: ("Missing or unknown bearer token.", {"WWW-Authenticate": "Bearer realm=\"mediad\""}),
     403: ("Expired or altered signed link.", {}),
     404: ("No such resource for this caller (another user's file is indistinguishable from a missing one).",
@@ -489,6 +490,11 @@ def document() -> Schema:
         "openapi": "3.1.0",
         "info": {"title": "mediad", "version": __version__,
                  "summary": "Media file service: streaming uploads, range downloads, cloud replication.",
+                 "description": "Errors are RFC 9457 problem+json. Besides each operation's own, any request "
+                                "may get 400 (not valid HTTP/1.1), 408 (its head did not arrive within "
+                                "MEDIAD_HEADER_TIMEOUT_S, or its body fell silent for MEDIAD_BODY_TIMEOUT_S) "
+                                "or 431 (request line and headers over MEDIAD_MAX_HEADER_BYTES); the server "
+                                "closes the connection after these.",
                  "license": {"name": "MIT", "identifier": "MIT"}},
         "tags": [{"name": "users"}, {"name": "files"}, {"name": "uploads", "description": "tus 1.0.0"},
                  {"name": "records"}, {"name": "service"}],
