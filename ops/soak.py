@@ -1,6 +1,6 @@
 """Soak mediad with a mixed load and check that it stays correct, small and leak-free (issue 13).
 
-    python ops/soak.py [--clients 64] [--duration 120] [--seed 13] [--shared-pool]
+    python ops/soak.py [--clients 64] [--duration 120] [--seed 13] [--shared-pool] [--mix range=100]
                        [--url http://127.0.0.1:8000 [--pid PID] [--pgdata DIR]]
 
 Without --url it starts `mediad serve` on the embedded defaults (its own PostgreSQL and mock
@@ -504,6 +504,19 @@ async def soak(args: argparse.Namespace, base_url: str, pid: int | None, pgdata:
     target(f"range-download p99 < {RANGE_P99_LIMIT_MS} ms", f"{p99:.1f} ms", p99 < RANGE_P99_LIMIT_MS)
 
 
+def _mix(text: str) -> dict[str, int]:
+    """`range=100` → every kind named, the others 0."""
+    weights = dict.fromkeys(MIX, 0)
+    for item in text.split(","):
+        kind, _, percent = item.partition("=")
+        if kind.strip() not in weights or not percent.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"expected kind=percent with kinds {', '.join(MIX)}, got {item!r}")
+        weights[kind.strip()] = int(percent)
+    if not sum(weights.values()):
+        raise argparse.ArgumentTypeError("the mix must not be all zero")
+    return weights
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=64, help="concurrent clients (default 64)")
@@ -514,7 +527,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shared-pool", action="store_true",
                         help="all clients on one httpx connection pool (slower client: see run_load)")
     parser.add_argument("--seed", type=int, default=13, help="random seed of the content and the mix")
+    parser.add_argument("--mix", type=_mix, default=None, metavar="range=60,upload=30,listing=10",
+                        help="percent of each kind (e.g. range=100 to see ranges without the uploads' load)")
     args = parser.parse_args(argv)
+    if args.mix:
+        MIX.update(args.mix)
     # SIGTERM unwinds like Ctrl-C, so the server is stopped and the temp dir removed either way.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     print(f"load average at start: {loadavg()}")
