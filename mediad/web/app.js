@@ -3,7 +3,7 @@
 import { api, session } from "./api.js";
 import { closePreview, loadMore, refreshFiles, renderFiles, resetFiles, scheduleRefresh } from "./files.js";
 import { canRecord, startRecording } from "./recorder.js";
-import { $, clearError, h, humanSize, showError } from "./ui.js";
+import { $, clearError, h, humanSize, showError, shownName } from "./ui.js";
 import { clearFinished, resetUploads, setUpDropzone, showRemembered, uploadsRunning } from "./uploads.js";
 
 // ---- signing in --------------------------------------------------------------------------------
@@ -95,12 +95,12 @@ async function sendRecord(blob, name) {
   form.append("file", blob, name);
   try {
     const record = await api("/records", { method: "POST", body: form });
-    $("record-status").textContent = `Saved ${record.file.name} (${humanSize(record.file.size)}).`;
+    $("record-status").textContent = `Saved ${shownName(record.file.name)} (${humanSize(record.file.size)}).`;
     // The record link needs no token; played as a same-origin path for `media-src 'self'`.
     const target = new URL(record.url);
     const player = h("audio", { controls: true, preload: "metadata", src: target.pathname + target.search,
-      "aria-label": `Play ${record.file.name}` });
-    $("records").prepend(h("li", { "data-id": record.id }, h("span", { text: record.file.name }), player));
+      "aria-label": `Play ${shownName(record.file.name)}` });
+    $("records").prepend(h("li", { "data-id": record.id }, h("span", { text: shownName(record.file.name), dir: "auto" }), player));
     scheduleRefresh();
   } catch (err) {
     $("record-status").textContent = "";

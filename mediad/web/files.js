@@ -1,7 +1,7 @@
 // The file list and what can be done to a file: preview, download, share, delete; the usage line.
 
 import { api, signedLink } from "./api.js";
-import { $, clearError, h, humanSize, showError } from "./ui.js";
+import { $, clearError, h, humanSize, showError, shownName } from "./ui.js";
 
 const PAGE_SIZE = 200;
 
@@ -87,20 +87,20 @@ function fileRow(file) {
   if (kind) {
     actions.append(h("button", {
       type: "button", class: "secondary", onclick: () => preview(file),
-      text: kind === "image" ? "View" : "Play", "aria-label": `${kind === "image" ? "View" : "Play"} ${file.name}`,
+      text: kind === "image" ? "View" : "Play", "aria-label": `${kind === "image" ? "View" : "Play"} ${shownName(file.name)}`,
     }));
   }
   actions.append(
     h("button", { type: "button", class: "secondary", onclick: () => download(file), text: "Download",
-      "aria-label": `Download ${file.name}` }),
+      "aria-label": `Download ${shownName(file.name)}` }),
     h("button", { type: "button", class: "secondary", onclick: () => share(file), text: "Copy link",
-      "aria-label": `Copy a link to ${file.name}` }),
+      "aria-label": `Copy a link to ${shownName(file.name)}` }),
     h("button", { type: "button", class: "danger", onclick: () => remove(file), text: "Delete",
-      "aria-label": `Delete ${file.name}` }),
+      "aria-label": `Delete ${shownName(file.name)}` }),
   );
   return h("tr", { "data-id": file.id, "data-name": file.name },
-    h("td", { class: "name", "data-label": "Name", text: file.name }),
-    h("td", { class: "path", "data-label": "Path", text: file.path || "—" }),
+    h("td", { class: "name", "data-label": "Name", text: shownName(file.name), dir: "auto" }),
+    h("td", { class: "path", "data-label": "Path", text: file.path ? shownName(file.path) : "—", dir: "auto" }),
     h("td", { class: "size", "data-label": "Size", "data-bytes": String(file.size), title: `${file.size} bytes`,
       text: humanSize(file.size) }),
     h("td", { class: "type", "data-label": "Type", text: file.format }),
@@ -128,12 +128,12 @@ async function download(file) {
     // The token cannot ride along on a navigation, so downloads go through a short signed link:
     // the browser streams it to disk itself, whatever the size.
     const link = await signedLink(file.id, { inline: false, expiresIn: 300 });
-    const anchor = h("a", { href: link.path, download: file.name, hidden: true });
+    const anchor = h("a", { href: link.path, download: shownName(file.name), hidden: true });
     document.body.append(anchor);
     anchor.click();
     anchor.remove();
   } catch (err) {
-    showError(err, `Could not download ${file.name}`);
+    showError(err, `Could not download ${shownName(file.name)}`);
   }
 }
 
@@ -155,7 +155,7 @@ async function share(file) {
       $("share-status").textContent = "Press Ctrl+C (⌘C) to copy the selected link.";
     }
   } catch (err) {
-    showError(err, `Could not make a link to ${file.name}`);
+    showError(err, `Could not make a link to ${shownName(file.name)}`);
   }
 }
 
@@ -171,14 +171,14 @@ function confirmDialog(text) {
 
 async function remove(file) {
   clearError();
-  if (!(await confirmDialog(`Delete “${file.name}”? This cannot be undone.`))) return;
+  if (!(await confirmDialog(`Delete “${shownName(file.name)}”? This cannot be undone.`))) return;
   try {
     await api(`/files/${encodeURIComponent(file.id)}`, { method: "DELETE" });
     files = files.filter((f) => f.id !== file.id);
     renderFiles();
     refreshUsage();
   } catch (err) {
-    showError(err, `Could not delete ${file.name}`);
+    showError(err, `Could not delete ${shownName(file.name)}`);
   }
 }
 
@@ -189,18 +189,18 @@ async function preview(file) {
     // Long enough to watch a long film: the link must outlive the range requests of seeking.
     const link = await signedLink(file.id, { inline: true, expiresIn: 86400 });
     let media;
-    if (kind === "image") media = h("img", { src: link.path, alt: file.name });
-    else media = h(kind, { src: link.path, controls: true, preload: "metadata", "aria-label": file.name });
+    if (kind === "image") media = h("img", { src: link.path, alt: shownName(file.name) });
+    else media = h(kind, { src: link.path, controls: true, preload: "metadata", "aria-label": shownName(file.name) });
     media.addEventListener("error", () => {
       showError(new Error(kind === "image" ? "the browser cannot show this image"
-        : "the browser cannot play this file (format or codec not supported)"), `Preview of ${file.name}`);
+        : "the browser cannot play this file (format or codec not supported)"), `Preview of ${shownName(file.name)}`);
     });
-    $("preview-title").textContent = file.name;
+    $("preview-title").textContent = shownName(file.name);
     $("preview-body").replaceChildren(media);
     $("preview").showModal();
     if (kind !== "image") media.focus();
   } catch (err) {
-    showError(err, `Could not preview ${file.name}`);
+    showError(err, `Could not preview ${shownName(file.name)}`);
   }
 }
 

@@ -15,6 +15,14 @@ export function h(tag, attrs = {}, ...children) {
   return el;
 }
 
+// Bidi embedding, override and isolate controls can make "evil\u202Etxt.exe" read "evilexe.txt":
+// names are stored as sent, so the page shows those controls as visible code points instead.
+const BIDI_CONTROLS = /[\u202A-\u202E\u2066-\u2069]/g;
+
+export function shownName(text) {
+  return text.replace(BIDI_CONTROLS, (c) => `[U+${c.codePointAt(0).toString(16).toUpperCase()}]`);
+}
+
 export function humanSize(bytes) {
   if (bytes < 1024) return `${bytes} ${bytes === 1 ? "byte" : "bytes"}`;
   const units = ["KiB", "MiB", "GiB", "TiB", "PiB"];

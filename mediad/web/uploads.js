@@ -3,7 +3,7 @@
 import { session } from "./api.js";
 import { scheduleRefresh } from "./files.js";
 import { discardUpload, fingerprint, rememberedUploads, TusUpload } from "./tus.js";
-import { $, clearError, folderPath, h, humanSize, showError } from "./ui.js";
+import { $, clearError, folderPath, h, humanSize, showError, shownName } from "./ui.js";
 
 const uploads = [];
 
@@ -24,14 +24,14 @@ function addUpload(file, path) {
     if (same.state !== "running") same.start();
     return;
   }
-  const bar = h("progress", { max: "100", value: "0", "aria-label": `Upload progress of ${file.name}` });
+  const bar = h("progress", { max: "100", value: "0", "aria-label": `Upload progress of ${shownName(file.name)}` });
   const numbers = h("span", { class: "numbers", text: `0% · 0 bytes of ${humanSize(file.size)}` });
   const status = h("span", { class: "status", role: "status", text: "Starting…" });
   const pause = h("button", { type: "button", class: "secondary", text: "Pause" });
   const cancel = h("button", { type: "button", class: "secondary", text: "Cancel" });
   const item = h("li", { class: "upload", "data-name": file.name },
     h("div", { class: "upload-head" },
-      h("strong", { class: "name", text: file.name }),
+      h("strong", { class: "name", text: shownName(file.name), dir: "auto" }),
       h("span", { class: "muted", text: path ? ` → ${path}` : "" })),
     bar,
     h("div", { class: "upload-foot" }, numbers, status,
@@ -76,7 +76,7 @@ function addUpload(file, path) {
       status.textContent = `Failed: ${message}`;
       item.classList.add("failed");
       pause.textContent = "Retry";
-      showError(new Error(message), `Upload of ${file.name} failed`);
+      showError(new Error(message), `Upload of ${shownName(file.name)} failed`);
     },
     onStateChange(state) {
       item.dataset.state = state;
@@ -128,7 +128,7 @@ export function showRemembered() {
       await discardUpload(entry);
       showRemembered();
     });
-    return h("li", {}, h("span", { text: `${entry.name} (${humanSize(entry.size)})${entry.path ? ` → ${entry.path}` : ""}` }),
+    return h("li", {}, h("span", { text: `${shownName(entry.name)} (${humanSize(entry.size)})${entry.path ? ` → ${entry.path}` : ""}` }),
       discard);
   }));
 }

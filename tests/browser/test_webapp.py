@@ -171,6 +171,22 @@ def test_sign_up_upload_list_share_download_and_delete(page: Any, web_server: Se
     assert page.evaluate("() => sessionStorage.length") == 0
 
 
+def test_bidi_controls_in_names_are_shown_not_obeyed(page: Any, web_server: Server) -> None:
+    """Names are stored as sent (API.md), so "evil<RLO>txt.exe" would read "evilexe.txt": the page
+    shows such controls as code points, in the list, the upload history and the delete dialog."""
+    token = sign_up(page, web_server.url, "mallory")
+    name = "evil\u202etxt.exe"
+    with api(web_server.url, token) as http:
+        response = http.post("/files", params={"name": name, "path": "/\u2066in\u2069/"}, content=b"MZ" * 64)
+        assert response.status_code == 201 and response.json()["name"] == name
+    page.reload()
+    row = page.locator("#file-rows tr").first
+    expect(row.locator("td.name")).to_have_text("evil[U+202E]txt.exe")
+    expect(row.locator("td.path")).to_have_text("/[U+2066]in[U+2069]/evil[U+202E]txt.exe")
+    row.get_by_role("button", name="Delete evil[U+202E]txt.exe").click()
+    expect(page.locator("#confirm")).to_contain_text("Delete “evil[U+202E]txt.exe”?")
+
+
 def _encoder(ffmpeg: str) -> tuple[list[str], str]:
     """Codec options and file suffix for a video Chromium plays, from what this ffmpeg build has."""
     encoders = subprocess.run([ffmpeg, "-hide_banner", "-encoders"], capture_output=True, text=True).stdout
