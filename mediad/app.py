@@ -14,7 +14,6 @@ from typing import Any
 import anyio
 import httpx
 import sqlalchemy as sa
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -30,7 +29,7 @@ from .cleanup import AccessTracker, cleanup_loop, recover
 from .cloud import CloudError, ObjectStore, Replicator
 from .config import Settings
 from .db import create_engine
-from .errors import MediaError, error_response, problem
+from .errors import DATABASE_UNAVAILABLE, MediaError, database_unavailable, error_response, problem
 from .metrics import Metrics, TelemetryMiddleware, metrics_endpoint
 from .storage import Storage
 
@@ -123,10 +122,7 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
         exception_handlers={
             MediaError: _media_error,
             HTTPException: _http_error,
-            sa_exc.OperationalError: _database_unavailable,
-            sa_exc.InterfaceError: _database_unavailable,
-            sa_exc.TimeoutError: _database_unavailable,
-            ConnectionError: _database_unavailable,
+            **dict.fromkeys(DATABASE_UNAVAILABLE, _database_unavailable),
             Exception: _internal_error,
         },
         lifespan=lifespan,
@@ -171,8 +167,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 async def _database_unavailable(request: Request, exc: Exception) -> Response:
     log.warning("database unavailable: %s", exc.__class__.__name__, extra={"error": str(exc)[:500]})
-    return problem(503, "the database is unavailable; retry shortly", "service-unavailable",
-                   {"Retry-After": "2"})
+    return database_unavailable()
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from http import HTTPStatus
 from typing import ClassVar
 
+from sqlalchemy import exc as sa_exc
 from starlette.responses import JSONResponse
 
 PROBLEM_TYPE_BASE = "https://mediad.dev/problems/"
@@ -104,3 +105,11 @@ def problem(status: int, detail: str, slug: str | None = None,
 
 def error_response(exc: MediaError) -> JSONResponse:
     return problem(exc.status, exc.detail, exc.slug, exc.headers)
+
+
+# Whatever layer notices that the database cannot serve us now (db.py maps driver errors to these).
+DATABASE_UNAVAILABLE = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError, ConnectionError)
+
+
+def database_unavailable() -> JSONResponse:
+    return problem(503, "the database is unavailable; retry shortly", "service-unavailable", {"Retry-After": "2"})

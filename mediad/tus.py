@@ -14,6 +14,7 @@ import base64
 import binascii
 import email.utils
 import hashlib
+import logging
 import os
 import uuid
 from collections.abc import Awaitable, Callable
@@ -32,6 +33,7 @@ from starlette.responses import JSONResponse, Response
 from . import db
 from .auth import authenticate
 from .errors import (
+    DATABASE_UNAVAILABLE,
     BadRequest,
     ChecksumMismatch,
     Conflict,
@@ -43,11 +45,14 @@ from .errors import (
     PreconditionFailed,
     ServiceUnavailable,
     UnsupportedMediaType,
+    database_unavailable,
     error_response,
 )
 from .files import parse_file_id, rfc3339
 from .storage import Blob, Storage, fsync_dir, is_disk_full, start_writeback
 from .uploads import clean_path, commit_upload, place
+
+log = logging.getLogger("mediad.tus")
 
 TUS_VERSION = "1.0.0"
 EXTENSIONS = "creation,creation-with-upload,termination,checksum,expiration"
@@ -147,6 +152,9 @@ def _tus(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request
             response = await handler(request)
         except MediaError as exc:
             response = error_response(exc)
+        except DATABASE_UNAVAILABLE as exc:  # answered here, not by the app, to carry Tus-Resumable
+            log.warning("database unavailable: %s", exc.__class__.__name__)
+            response = database_unavailable()
         response.headers["Tus-Resumable"] = TUS_VERSION
         return response
 

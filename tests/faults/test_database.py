@@ -28,6 +28,7 @@ class Outcome:
     status: int | None  # None: no answer (a transport error)
     problem: bool = False  # application/problem+json
     retry_after: str | None = None
+    tus_resumable: str | None = None
     error: str | None = None
 
 
@@ -42,7 +43,7 @@ async def _load(kind: str, send: Callable[[], Awaitable[httpx.Response]], outcom
         else:
             outcomes.append(Outcome(kind, at, time.monotonic() - at, response.status_code,
                                     response.headers.get("content-type", "").startswith("application/problem+json"),
-                                    response.headers.get("retry-after")))
+                                    response.headers.get("retry-after"), response.headers.get("tus-resumable")))
         await asyncio.sleep(pause)
 
 
@@ -106,6 +107,8 @@ async def test_postgres_stopped_for_10_s_under_load(nodes: NodeFactory, own_post
         assert o.status is not None and o.status != 500, o
         if o.status >= 400:
             assert o.status == 503 and o.problem and o.retry_after, o
+        if o.kind == "tus":  # a tus client reads every answer, a 503 too, by its Tus-Resumable
+            assert o.tus_resumable == "1.0.0", o
     assert recovered - back_at < 5, f"serving again {recovered - back_at:.1f} s after PostgreSQL came back"
 
     done += [Acked(file_id, hashlib.sha256(data).hexdigest(), len(data), user.auth) for file_id, data in bodies.items()]
