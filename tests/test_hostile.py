@@ -130,13 +130,15 @@ def assert_safe_disposition(header: str, name: str) -> None:
 
 
 def tree(root: Path, skip: Path | None = None) -> set[Path]:
-    """Every path under `root` (but not under `skip`)."""
+    """Every path under `root`, but not under `skip` nor inside the data dirs of the session's other
+    servers (a directory holding a node-id file): they keep writing their own files meanwhile."""
     found = set()
     for directory, subdirs, files in os.walk(root):
-        if skip is not None and Path(directory) == skip:
+        here = Path(directory)
+        if here == skip or (here != root and "node-id" in files):
             subdirs.clear()
             continue
-        found.update(Path(directory) / f for f in files + subdirs)
+        found.update(here / f for f in files + subdirs)
     return found
 
 
