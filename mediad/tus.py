@@ -273,11 +273,14 @@ async def _patch(request: Request, upload_id: uuid.UUID, owner_id: uuid.UUID, *,
                  checksum: tuple[str, bytes] | None) -> tuple[int, uuid.UUID | None]:
     """Claim the upload, append the body at `offset`, make it durable; → (offset, File id if done)."""
     state = request.app.state
-    async with state.engine.begin() as conn:
+    # Single statements in autocommit: the claim, and on success one UPDATE that records the new
+    # offset and releases the claim together; a PATCH costs two round trips to the database, not nine.
+    async with state.reader.connect() as conn:
         row = await _claim(conn, upload_id, owner_id)
         if row is None:
             raise (Locked("another PATCH is writing this upload; retry when it is done")
                    if await _visible(conn, upload_id, owner_id) else NotFound("no such upload (or it expired)"))
+    released = False
     try:
         if row.node != state.storage.node_id:
             raise ServiceUnavailable("this upload's bytes are on another mediad node", retry_after=5)
@@ -285,11 +288,14 @@ async def _patch(request: Request, upload_id: uuid.UUID, owner_id: uuid.UUID, *,
             raise Conflict("this upload is complete")
         if offset != row.offset:
             raise Conflict(f"Upload-Offset is {offset} but the upload is at {row.offset}")
-        return await _append(request, state, row, checksum)
+        appended = await _append(request, state, row, checksum)
+        released = True  # the statement that recorded the new offset released the claim
+        return appended
     finally:
-        with anyio.CancelScope(shield=True):
-            async with state.engine.begin() as conn:
-                await conn.execute(sa.update(uploads).where(uploads.c.id == upload_id).values(lock_until=None))
+        if not released:
+            with anyio.CancelScope(shield=True):
+                async with state.reader.connect() as conn:
+                    await conn.execute(sa.update(uploads).where(uploads.c.id == upload_id).values(lock_until=None))
 
 
 async def _append(request: Request, state: State, row: Row[Any],
@@ -345,9 +351,9 @@ async def _append(request: Request, state: State, row: Row[Any],
     new_offset = row.offset + written
     if new_offset == row.length and not cut:
         return new_offset, await _complete(state, row, whole)
-    async with state.engine.begin() as conn:
+    async with state.reader.connect() as conn:
         await conn.execute(sa.update(uploads).where(uploads.c.id == row.id, uploads.c.offset == row.offset)
-                           .values(offset=new_offset))
+                           .values(offset=new_offset, lock_until=None))
     state.tus_hashers[row.id] = (new_offset, whole)
     return new_offset, None
 
@@ -361,7 +367,7 @@ async def _complete(state: State, row: Row[Any], whole: Hasher) -> uuid.UUID:
 
     async def finished(conn: AsyncConnection, file_row: Row[Any]) -> None:
         await conn.execute(sa.update(uploads).where(uploads.c.id == row.id)
-                           .values(offset=row.length, file_id=file_row.id))
+                           .values(offset=row.length, file_id=file_row.id, lock_until=None))
 
     try:
         file_row, _ = await commit_upload(state, row.owner_id, blob, name=row.name, path=row.path, also=finished)
