@@ -11,13 +11,26 @@ import contextlib
 import os
 import re
 import unicodedata
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
 
 import httpx
 import pytest
-from conftest import Server, User, assert_problem, eventually, http_chunk, raw_connection, read_response, request_head
+from conftest import (
+    Server,
+    User,
+    assert_problem,
+    eventually,
+    http_chunk,
+    make_settings,
+    make_user,
+    raw_connection,
+    read_response,
+    request_head,
+    serve_in_thread,
+)
 
 from mediad.formdata import Envelope, LimitExceeded
 from mediad.uploads import MAX_PART_HEADER_BYTES, MAX_PARTS
@@ -130,15 +143,13 @@ def assert_safe_disposition(header: str, name: str) -> None:
 
 
 def tree(root: Path, skip: Path | None = None) -> set[Path]:
-    """Every path under `root`, but not under `skip` nor inside the data dirs of the session's other
-    servers (a directory holding a node-id file): they keep writing their own files meanwhile."""
+    """Every path under `root` (but not under `skip`)."""
     found = set()
     for directory, subdirs, files in os.walk(root):
-        here = Path(directory)
-        if here == skip or (here != root and "node-id" in files):
+        if skip is not None and Path(directory) == skip:
             subdirs.clear()
             continue
-        found.update(here / f for f in files + subdirs)
+        found.update(Path(directory) / f for f in files + subdirs)
     return found
 
 
@@ -158,11 +169,27 @@ def assert_only_our_own_files(server: Server) -> None:
 CHANNELS = ["query", "put-folder", "disposition", "multipart", "multipart-star", "path", "tus"]
 
 
+@pytest.fixture(scope="module")
+def nested_server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server whose data dir sits two levels down in a directory of its own, so that whatever a
+    `../..` could reach is watched, and nothing else (another server, a database) writes there."""
+    root = tmp_path_factory.mktemp("hostile-root")
+    with serve_in_thread(make_settings(root / "outer" / "data"), database_url) as running:
+        yield running
+
+
 @pytest.mark.parametrize("channel", CHANNELS)
-async def test_hostile_names_are_metadata_or_refused(client: httpx.AsyncClient, server: Server, user: User,
-                                                     channel: str) -> None:
-    around = server.data_dir.parent
+async def test_hostile_names_are_metadata_or_refused(nested_server: Server, channel: str) -> None:
+    server = nested_server
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        await _names_are_metadata_or_refused(client, server, await make_user(client), channel)
+
+
+async def _names_are_metadata_or_refused(client: httpx.AsyncClient, server: Server, user: User,
+                                         channel: str) -> None:
+    around = server.data_dir.parent.parent
     outside_before = tree(around, skip=server.data_dir)
+    blobs_before = len(server.blob_files())  # the module's server keeps the other channels' files
     passwd_before = os.stat("/etc/passwd")
     stored = []
     for case, (sent, _) in NAMES.items():
@@ -190,7 +217,7 @@ async def test_hostile_names_are_metadata_or_refused(client: httpx.AsyncClient, 
     listing = (await client.get("/files", headers=user.auth)).json()["files"]
     # Same-path uploads replace each other (NFD and NFC names are one path): count by id.
     assert {f["id"] for f in listing} == {f["id"] for f in stored} and len(listing) == len({f["id"] for f in stored})
-    assert len(server.blob_files()) == len({f["id"] for f in stored})
+    assert len(server.blob_files()) == blobs_before + len({f["id"] for f in stored})
     await eventually(lambda: not server.stray_temp_files() and not server.partial_files())
     assert server.stray_temp_files() == [] and server.partial_files() == []
     assert_only_our_own_files(server)
