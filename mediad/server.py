@@ -61,7 +61,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._in_head = False  # between a request's first byte (or the connection) and its headers' end
         self._in_body = False  # headers done, body not complete
         self._head_started = 0.0
-        self._head_bytes = 0
+        self._head_bytes = 0  # of the request line and headers parsed so far
+        self._head_received = 0  # bytes received while the head is still incomplete
         self._last_read = 0.0
         self._watchdog: asyncio.TimerHandle | None = None
         self._refusal: tuple[int, str, str] | None = None
@@ -81,10 +82,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._last_read = self.loop.time()
         super().data_received(data)
         if self._in_head and not self.transport.is_closing():
-            # A head still incomplete after this read: count it here, since httptools buffers a
+            # A head still incomplete after this read: count what came, since httptools buffers a
             # header's value until the value ends and only then calls on_header.
-            self._head_bytes += len(data)
-            if self._head_bytes > self.limits.max_header_bytes:
+            self._head_received += len(data)
+            if self._head_received > self.limits.max_header_bytes:
                 self._refuse(431, self._too_large_detail(), "request-header-fields-too-large")
 
     # Parser callbacks
@@ -121,7 +122,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def _begin_head(self) -> None:
         self._in_head, self._in_body = True, False
-        self._head_bytes = 0
+        self._head_bytes = self._head_received = 0
         self._head_started = self.loop.time()
         self._arm(self._head_started + self.limits.header_timeout_s)
 
