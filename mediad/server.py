@@ -7,6 +7,8 @@ for ever, and httptools buffers a request head of any size. `GuardedHttpProtocol
 - a deadline for a request's head (request line and headers): 408, connection closed;
 - an idle deadline while a request body is arriving: 408, and the app's `receive()` reports a
   disconnect, so an upload cleans up as if the client had gone;
+- the same deadline for a client that takes none of a response (a stopped or "slow read" client
+  holding a download open): the connection is dropped;
 - a cap on the bytes of a request's head: 431.
 
 All three answer with problem+json like the app, and so does a malformed request (400), which
@@ -65,6 +67,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._head_received = 0  # bytes received while the head is still incomplete
         self._last_read = 0.0
         self._watchdog: asyncio.TimerHandle | None = None
+        self._write_stall: asyncio.TimerHandle | None = None  # armed while the client reads nothing
         self._refusal: tuple[int, str, str] | None = None
 
     # Connection events
@@ -75,6 +78,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self._write_stall is not None:
+            self._write_stall.cancel()
         self._in_head = self._in_body = False
         super().connection_lost(exc)
 
@@ -87,6 +92,27 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._head_received += len(data)
             if self._head_received > self.limits.max_header_bytes:
                 self._refuse(431, self._too_large_detail(), "request-header-fields-too-large")
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._write_stall is None:
+            self._write_stall = self.loop.call_later(self.limits.body_timeout_s, self._reader_gone)
+
+    def resume_writing(self) -> None:
+        if self._write_stall is not None:
+            self._write_stall.cancel()
+            self._write_stall = None
+        super().resume_writing()
+
+    def _reader_gone(self) -> None:
+        """The client has not drained the response's buffer for body_timeout_s: a reader that
+        stopped, or reads too little to matter. Drop it; what is buffered for it is discarded
+        (close() would wait for it to be sent)."""
+        self._write_stall = None
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.disconnected = True
+            self.cycle.message_event.set()
+        self.transport.abort()
 
     # Parser callbacks
 

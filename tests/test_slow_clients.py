@@ -176,6 +176,37 @@ async def test_a_slow_but_steady_upload_is_not_cut_off(guarded: Server, http: ht
     assert hashlib.sha256(stored).hexdigest() == hashlib.sha256(data).hexdigest()
 
 
+def open_blobs(server: Server) -> list[str]:
+    """What this process (the thread server's) holds open under the server's blob directory."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith(str(server.data_dir / "files")):
+                found.append(target)
+    return found
+
+
+async def test_a_client_that_stops_reading_a_download_is_dropped(guarded: Server, http: httpx.AsyncClient) -> None:
+    """A download whose reader stops holds a connection and an open file once the socket buffers
+    are full; after the body deadline the server drops the connection and closes the file."""
+    user = await make_user(http)
+    data = os.urandom(48 * MiB)  # far more than loopback socket buffers hold
+    file = (await http.put("/files", params={"path": "/big.bin"}, headers=user.auth, content=data)).json()
+    async with raw_connection(guarded) as (reader, writer):
+        writer.write(request_head("GET", f"/files/{file['id']}/content", user.auth))
+        await asyncio.sleep(BODY_TIMEOUT / 2)
+        assert open_blobs(guarded), "the download holds its file while the client reads nothing"
+        await asyncio.sleep(BODY_TIMEOUT * 2)
+        received = 0
+        with contextlib.suppress(ConnectionError):
+            async with asyncio.timeout(10):
+                while chunk := await reader.read(MiB):
+                    received += len(chunk)
+    assert 0 < received < len(data), received  # what was buffered, then the end: not the whole file
+    assert await eventually(lambda: not open_blobs(guarded)), open_blobs(guarded)
+
+
 # ---- 200 slow heads and 50 stalled uploads against `mediad serve` -----------------------------
 
 def clients_and_files(pid: int, port: int) -> int:
