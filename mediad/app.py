@@ -166,8 +166,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _database_unavailable(request: Request, exc: Exception) -> Response:
-    log.warning("database unavailable: %s", exc.__class__.__name__, extra={"error": str(exc)[:500]})
-    return database_unavailable()
+    return database_unavailable(exc)
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from http import HTTPStatus
 from typing import ClassVar
@@ -9,6 +10,7 @@ from typing import ClassVar
 from sqlalchemy import exc as sa_exc
 from starlette.responses import JSONResponse
 
+log = logging.getLogger("mediad")
 PROBLEM_TYPE_BASE = "https://mediad.dev/problems/"
 _TITLES = {460: "Checksum Mismatch"}
 
@@ -92,15 +94,15 @@ class InsufficientStorage(MediaError):
 def problem(status: int, detail: str, slug: str | None = None,
             headers: Mapping[str, str] | None = None) -> JSONResponse:
     """An application/problem+json response (RFC 9457)."""
-    phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else _TITLES.get(status, "Error")
-    body = {
-        "type": PROBLEM_TYPE_BASE + (slug or phrase.lower().replace(" ", "-")),
-        "title": phrase,
-        "status": status,
-        "detail": detail,
-    }
-    return JSONResponse(body, status_code=status, headers=dict(headers or {}),
+    return JSONResponse(problem_body(status, detail, slug), status_code=status, headers=dict(headers or {}),
                         media_type="application/problem+json")
+
+
+def problem_body(status: int, detail: str, slug: str | None = None) -> dict[str, object]:
+    """The RFC 9457 members every mediad error carries (also for the server's own answers)."""
+    phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else _TITLES.get(status, "Error")
+    return {"type": PROBLEM_TYPE_BASE + (slug or phrase.lower().replace(" ", "-")), "title": phrase,
+            "status": status, "detail": detail}
 
 
 def error_response(exc: MediaError) -> JSONResponse:
@@ -111,5 +113,7 @@ def error_response(exc: MediaError) -> JSONResponse:
 DATABASE_UNAVAILABLE = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError, ConnectionError)
 
 
-def database_unavailable() -> JSONResponse:
+def database_unavailable(exc: Exception) -> JSONResponse:
+    """503 + Retry-After for one of DATABASE_UNAVAILABLE, logged once here for every route."""
+    log.warning("database unavailable: %s", exc.__class__.__name__, extra={"error": str(exc)[:500]})
     return problem(503, "the database is unavailable; retry shortly", "service-unavailable", {"Retry-After": "2"})

@@ -19,25 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .config import Settings
-from .errors import PROBLEM_TYPE_BASE
-
-
-@dataclass(frozen=True)
-class Limits:
-    header_timeout_s: float = 10.0
-    body_timeout_s: float = 30.0
-    max_header_bytes: int = 32 * 1024
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> Limits:
-        return cls(settings.header_timeout_s, settings.body_timeout_s, settings.max_header_bytes)
+from .errors import problem_body
 
 
 class _Refused(Exception):
@@ -47,16 +35,14 @@ class _Refused(Exception):
 def raw_problem(status: int, detail: str, slug: str) -> bytes:
     """A complete HTTP/1.1 problem+json response that closes the connection, for answers the
     protocol gives itself before (or instead of) the app."""
-    phrase = HTTPStatus(status).phrase
-    body = json.dumps({"type": PROBLEM_TYPE_BASE + slug, "title": phrase, "status": status,
-                       "detail": detail}).encode()
-    head = (f"HTTP/1.1 {status} {phrase}\r\ncontent-type: application/problem+json\r\n"
+    body = json.dumps(problem_body(status, detail, slug)).encode()
+    head = (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/problem+json\r\n"
             f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")
     return head.encode("ascii") + body
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
-    limits = Limits()  # replaced per server by guarded_protocol()
+    limits: Settings  # set per server by guarded_protocol()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -109,9 +95,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         stopped, or reads too little to matter. Drop it; what is buffered for it is discarded
         (close() would wait for it to be sent)."""
         self._write_stall = None
-        if self.cycle is not None and not self.cycle.response_complete:
-            self.cycle.disconnected = True
-            self.cycle.message_event.set()
+        self._end_cycle()
         self.transport.abort()
 
     # Parser callbacks
@@ -202,17 +186,22 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         answer = not busy if self._in_head else busy and not cycle.response_started
         self._disarm()
         self._in_head = self._in_body = False
-        if busy:
-            cycle.disconnected = True
-            cycle.message_event.set()
+        self._end_cycle()
         if answer and not self.transport.is_closing():
             self.transport.write(raw_problem(status, detail, slug))
         self.transport.close()
 
+    def _end_cycle(self) -> None:
+        """The request in progress, if any, is over for the app: receive() reports a disconnect and
+        send() drops what it is given (uvicorn's own handling of a lost connection)."""
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.disconnected = True
+            self.cycle.message_event.set()
 
-def guarded_protocol(limits: Limits) -> type[GuardedHttpProtocol]:
-    """The protocol class for uvicorn's `http=` with these limits."""
-    return type("GuardedHttpProtocol", (GuardedHttpProtocol,), {"limits": limits})
+
+def guarded_protocol(settings: Settings) -> type[GuardedHttpProtocol]:
+    """The protocol class for uvicorn's `http=` with the limits in `settings`."""
+    return type("GuardedHttpProtocol", (GuardedHttpProtocol,), {"limits": settings})
 
 
 def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> Any:
@@ -221,7 +210,7 @@ def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> Any:
 
     options: dict[str, Any] = {
         "host": settings.host, "port": settings.port, "log_config": None, "server_header": False,
-        "timeout_graceful_shutdown": 30, "http": guarded_protocol(Limits.from_settings(settings)),
+        "timeout_graceful_shutdown": 30, "http": guarded_protocol(settings),
         "ws": "none",
     }
     return uvicorn.Config(app, **{**options, **overrides})

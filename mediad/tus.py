@@ -14,7 +14,6 @@ import base64
 import binascii
 import email.utils
 import hashlib
-import logging
 import os
 import uuid
 from collections.abc import Awaitable, Callable
@@ -51,8 +50,6 @@ from .errors import (
 from .files import parse_file_id, rfc3339
 from .storage import Blob, Storage, fsync_dir, is_disk_full, start_writeback
 from .uploads import clean_path, commit_upload, place
-
-log = logging.getLogger("mediad.tus")
 
 TUS_VERSION = "1.0.0"
 EXTENSIONS = "creation,creation-with-upload,termination,checksum,expiration"
@@ -153,8 +150,7 @@ def _tus(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request
         except MediaError as exc:
             response = error_response(exc)
         except DATABASE_UNAVAILABLE as exc:  # answered here, not by the app, to carry Tus-Resumable
-            log.warning("database unavailable: %s", exc.__class__.__name__)
-            response = database_unavailable()
+            response = database_unavailable(exc)
         response.headers["Tus-Resumable"] = TUS_VERSION
         return response
 
