@@ -25,6 +25,9 @@ from .errors import InsufficientStorage, PayloadTooLarge
 
 _BATCH_BYTES = 1 << 20  # hand the writer thread ~1 MiB at a time: few thread hops per GiB
 _QUEUE_DEPTH = 8  # batches in flight: bounds memory per upload at ~8 MiB
+_WRITEBACK_EVERY = 32 << 20  # start write-back early so the final fsync is short
+_HEAD_BYTES = 8192  # leading bytes kept for format detection
+_FREE_CHECK_EVERY = 64 << 20
 
 
 class _WriterThreads:
@@ -55,9 +58,7 @@ class _WriterThreads:
 
 
 _WRITERS = _WriterThreads()
-_WRITEBACK_EVERY = 32 << 20  # start write-back early so the final fsync is short
-_HEAD_BYTES = 8192  # leading bytes kept for format detection
-_FREE_CHECK_EVERY = 64 << 20
+
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
