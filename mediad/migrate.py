@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from importlib.resources import files
 
 from alembic import command
 from alembic.config import Config
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def alembic_config(url: str) -> Config:
-    config = Config(str(ROOT / "alembic.ini"))
+    # The scripts are found as package data (the checkout's migrations/ is installed as
+    # mediad.migrations), never from the working directory, so a wheel migrates from anywhere.
+    config = Config()
+    config.set_main_option("script_location", str(files("mediad.migrations")))
     config.attributes["url"] = url
     config.attributes["configure_logger"] = False
     return config
