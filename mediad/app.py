@@ -24,10 +24,11 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
-from . import audio, auth, downloads, files, links, openapi, tus, uploads
+from . import accounts, audio, auth, downloads, files, links, openapi, tus, uploads
 from .cleanup import AccessTracker, cleanup_loop, recover
 from .cloud import CloudError, ObjectStore, Replicator
 from .config import Settings
+from .conventions import Conventions, allowed_methods, cors
 from .db import create_engine
 from .errors import DATABASE_UNAVAILABLE, MediaError, database_unavailable, error_response, problem
 from .metrics import Metrics, TelemetryMiddleware, metrics_endpoint
@@ -58,6 +59,7 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
         app.state.reader = engine.execution_options(isolation_level="AUTOCOMMIT")
         app.state.store = app.state.replicator = app.state.last_cleanup = None
         app.state.access = AccessTracker()
+        app.state.token_use = auth.TokenUse()
         app.state.metrics = metrics
         app.state.transcoder = audio.Transcoder(settings)
         app.state.tus_hashers = {}  # upload id → (offset, sha256 so far) while an upload is live
@@ -66,6 +68,9 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
             stack.callback(storage.leave)
             await recover(engine, storage)  # what a dead process left on this data dir
             stack.push_async_callback(_flush_quietly, app.state.access, engine)
+            stack.push_async_callback(_flush_quietly, app.state.token_use, engine)
+            stack.push_async_callback(_stop, asyncio.create_task(app.state.token_use.run(engine),
+                                                                 name="token-use"))
             if settings.cloud_url or settings.s3_bucket:
                 http = await stack.enter_async_context(httpx.AsyncClient(
                     timeout=httpx.Timeout(60, connect=5), limits=httpx.Limits(max_connections=64)))
@@ -96,6 +101,11 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
         *openapi.routes(),
         Route("/users", auth.create_user, methods=["POST"]),
         Route("/auth/login", auth.login, methods=["POST"]),
+        Route("/auth/tokens", accounts.list_tokens, methods=["GET"]),
+        Route("/auth/tokens", accounts.create_token, methods=["POST"]),
+        Route("/auth/tokens/{token_id}", accounts.revoke_token, methods=["DELETE"]),
+        Route("/users/me", accounts.show_me, methods=["GET"]),
+        Route("/users/me", accounts.delete_me, methods=["DELETE"]),
         Route("/files", uploads.post_files, methods=["POST"]),
         Route("/files", uploads.put_files, methods=["PUT"]),
         Route("/files", files.list_, methods=["GET"]),
@@ -116,9 +126,9 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
         Route("/", web_index),
         Mount("/web", app=WebFiles(packages=[("mediad", "web")]), name="web"),
     ]
-    return Starlette(
+    app = Starlette(
         routes=routes,
-        middleware=[Middleware(TelemetryMiddleware, metrics)],
+        middleware=[*cors(settings), Middleware(TelemetryMiddleware, metrics), Middleware(Conventions)],
         exception_handlers={
             MediaError: _media_error,
             HTTPException: _http_error,
@@ -127,9 +137,11 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
         },
         lifespan=lifespan,
     )
+    app.router.redirect_slashes = False  # Conventions serves /files/ as /files instead of a 307
+    return app
 
 
-async def _flush_quietly(tracker: AccessTracker, engine: AsyncEngine) -> None:
+async def _flush_quietly(tracker: AccessTracker | auth.TokenUse, engine: AsyncEngine) -> None:
     try:
         await tracker.flush(engine)
     except Exception as exc:
@@ -162,7 +174,10 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     detail = {404: f"no route for {request.url.path}",
               405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, exc.detail)
-    return problem(exc.status_code, detail, headers=exc.headers)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = allowed_methods(request.app.routes, request.url.path)
+    return problem(exc.status_code, detail, headers=headers)
 
 
 async def _database_unavailable(request: Request, exc: Exception) -> Response:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import json
+import logging
 import secrets
 import unicodedata
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -18,6 +21,8 @@ from starlette.responses import JSONResponse
 
 from . import db
 from .errors import BadRequest, Conflict, Unauthorized, Unprocessable
+
+log = logging.getLogger("mediad")
 
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1}  # 16 MiB of memory per hash: memory-hard, ~50 ms here
 _MAX_JSON_BODY = 64 * 1024
@@ -53,21 +58,29 @@ def token_hash(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-def clean_user_name(value: Any) -> tuple[str, str]:
-    """→ (name as stored, case-insensitive key). 1–64 characters, no control characters."""
+def clean_name(value: Any, field: str = "name") -> str:
+    """A user's or a token's name, NFC: 1–64 characters, no control characters, not blank."""
+    if value is None:
+        raise Unprocessable(f"{field} is required")
     if not isinstance(value, str):
-        raise Unprocessable("name must be a string")
+        raise Unprocessable(f"{field} must be a string")
     name = unicodedata.normalize("NFC", value)
     if not 1 <= len(name) <= 64:
-        raise Unprocessable("name must be 1 to 64 characters long")
+        raise Unprocessable(f"{field} must be 1 to 64 characters long")
     if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in name):
-        raise Unprocessable("name must not contain control characters")
+        raise Unprocessable(f"{field} must not contain control characters")
     if not name.strip():
-        raise Unprocessable("name must not be blank")
+        raise Unprocessable(f"{field} must not be blank")
+    return name
+
+
+def clean_user_name(value: Any) -> tuple[str, str]:
+    """→ (name as stored, case-insensitive key)."""
+    name = clean_name(value)
     return name, name.casefold()
 
 
-def _clean_password(value: Any) -> str:
+def clean_password(value: Any) -> str:
     if not isinstance(value, str):
         raise Unprocessable("password must be a string")
     if len(value) < 8:
@@ -109,7 +122,44 @@ def bearer_token(request: Request) -> str:
 
 async def authenticate(request: Request) -> uuid.UUID:
     """The caller's user id from `Authorization: Bearer <token>`; 401 otherwise."""
-    return await user_for_token(request.app.state.reader, bearer_token(request))
+    token = bearer_token(request)
+    user_id = await user_for_token(request.app.state.reader, token)
+    request.app.state.token_use.touch(token_hash(token))
+    return user_id
+
+
+class TokenUse:
+    """Coalesces tokens' last-use times in memory: one UPDATE per flush, never a write per request
+    (GET /auth/tokens may show a time up to a flush interval old)."""
+
+    FLUSH_S = 30.0
+
+    def __init__(self) -> None:
+        self._seen: dict[bytes, datetime] = {}
+
+    def touch(self, digest: bytes) -> None:
+        self._seen[digest] = datetime.now(UTC)
+
+    async def flush(self, engine: AsyncEngine) -> None:
+        if not self._seen:
+            return
+        seen, self._seen = self._seen, {}
+        try:
+            async with engine.begin() as conn:
+                await db.record_token_use(conn, seen)
+        except Exception:
+            for digest, moment in seen.items():  # keep them for the next flush
+                self._seen.setdefault(digest, moment)
+            raise
+
+    async def run(self, engine: AsyncEngine) -> None:
+        """The lifespan's loop (the lifespan also flushes once at shutdown)."""
+        while True:
+            await asyncio.sleep(self.FLUSH_S)
+            try:
+                await self.flush(engine)
+            except Exception as exc:  # the database may be down: the times wait for the next flush
+                log.warning("could not record token use: %s", exc.__class__.__name__)
 
 
 async def user_for_token(engine: AsyncEngine, token: str) -> uuid.UUID:
@@ -128,14 +178,21 @@ async def create_user(request: Request) -> JSONResponse:
     password = data.get("password")
     password_hash = None
     if password is not None:
-        password_hash = await anyio.to_thread.run_sync(hash_password, _clean_password(password))
+        password_hash = await anyio.to_thread.run_sync(hash_password, clean_password(password))
+    user_id, token = await register(request.app.state.engine, name, name_key, password_hash, "signup")
+    return JSONResponse({"id": str(user_id), "name": name, "token": token}, status_code=201)
+
+
+async def register(engine: AsyncEngine, name: str, name_key: str, password_hash: str | None,
+                   token_name: str) -> tuple[uuid.UUID, str]:
+    """Create a user with a first token (POST /users, `mediad users create`); 409 if the name is taken."""
     token = new_token()
-    async with request.app.state.engine.begin() as conn:
+    async with engine.begin() as conn:
         user_id = await db.insert_user(conn, name, name_key, password_hash)
         if user_id is None:
             raise Conflict(f"the name {name!r} is taken")
-        await db.insert_token(conn, user_id, token_hash(token))
-    return JSONResponse({"id": str(user_id), "name": name, "token": token}, status_code=201)
+        await db.insert_token(conn, user_id, token_hash(token), token_name)
+    return user_id, token
 
 
 async def login(request: Request) -> JSONResponse:
@@ -143,6 +200,7 @@ async def login(request: Request) -> JSONResponse:
     name, password = data.get("name"), data.get("password")
     if not isinstance(name, str) or not isinstance(password, str):
         raise Unprocessable("name and password are required strings")
+    token_name = clean_name(data.get("token_name", "login"), "token_name")
     user = None
     try:
         _, name_key = clean_user_name(name)
@@ -153,9 +211,9 @@ async def login(request: Request) -> JSONResponse:
             user = await db.user_by_name_key(conn, name_key)
     encoded = user.password_hash if user is not None and user.password_hash else _DUMMY_HASH
     ok = await anyio.to_thread.run_sync(verify_password, password[:1024], encoded)
-    if user is None or not user.password_hash or not ok:
-        raise Unauthorized("wrong name or password")
+    if user is None or not user.password_hash or not ok or user.disabled_at is not None:
+        raise Unauthorized("wrong name or password")  # a disabled account says no more than that
     token = new_token()
     async with request.app.state.engine.begin() as conn:
-        await db.insert_token(conn, user.id, token_hash(token))
-    return JSONResponse({"token": token, "token_type": "bearer"})
+        token_id = await db.insert_token(conn, user.id, token_hash(token), token_name)
+    return JSONResponse({"token": token, "token_type": "bearer", "id": str(token_id)})

@@ -65,15 +65,22 @@ class Settings:
     db_pool_timeout_s: float = 5.0
     log_level: str = "INFO"
     log_file: Path | None = None
+    # Comma-separated origins (https://app.example.com) or *; None: no CORS headers, same-origin only.
+    cors_origins: str | None = None
 
     @property
     def base_url(self) -> str:
         return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
 
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [origin.strip().rstrip("/") for origin in (self.cors_origins or "").split(",") if origin.strip()]
+
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_ORIGIN = re.compile(r"^https?://[^/\s?#]+$")
 _UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
 
@@ -149,6 +156,10 @@ def _check(settings: Settings) -> None:
     for name in ("header_timeout_s", "body_timeout_s", "max_header_bytes"):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"MEDIAD_{name.upper()} is invalid: must be greater than 0")
+    for origin in settings.cors_origin_list:
+        if origin != "*" and not _ORIGIN.match(origin):
+            raise ConfigError(f"MEDIAD_CORS_ORIGINS is invalid: {origin!r} is not * or an origin "
+                              "such as https://app.example.com (scheme, host, optional port; no path)")
     if settings.cloud_url and not settings.cloud_url.startswith(("http://", "https://")):
         raise ConfigError("MEDIAD_CLOUD_URL is invalid: expected an http:// or https:// URL")
     if settings.s3_bucket:

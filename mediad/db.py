@@ -38,6 +38,8 @@ users = sa.Table(
     # scrypt$n$r$p$salt$hash, or NULL for token-only users.
     sa.Column("password_hash", sa.Text),
     sa.Column("created_at", TZ, nullable=False, server_default=sa.func.now()),
+    # Set by `mediad users disable`: every token of the user stops working, sign-in is refused.
+    sa.Column("disabled_at", TZ),
 )
 
 tokens = sa.Table(
@@ -49,6 +51,12 @@ tokens = sa.Table(
     sa.Column("user_id", UUID(as_uuid=True), sa.ForeignKey("users.id", ondelete="CASCADE"),
               nullable=False, index=True),
     sa.Column("created_at", TZ, nullable=False, server_default=sa.func.now()),
+    # The public handle of a token (GET /auth/tokens, DELETE /auth/tokens/{id}); never the secret.
+    sa.Column("id", UUID(as_uuid=True), nullable=False, unique=True,
+              server_default=sa.text("gen_random_uuid()")),
+    sa.Column("name", sa.Text, nullable=False, server_default="login"),
+    # Written in batches (TokenUse in auth.py), so it may lag by up to a minute.
+    sa.Column("last_used_at", TZ),
 )
 
 CLOUD_STATES = ("pending", "stored", "failed")
@@ -223,20 +231,81 @@ async def user_by_name_key(conn: AsyncConnection, name_key: str) -> Row[Any] | N
     return result.first()
 
 
-async def insert_token(conn: AsyncConnection, user_id: uuid.UUID, token_hash: bytes) -> None:
-    await conn.execute(sa.insert(tokens).values(token_hash=token_hash, user_id=user_id))
+async def insert_token(conn: AsyncConnection, user_id: uuid.UUID, token_hash: bytes, name: str) -> uuid.UUID:
+    result = await conn.execute(sa.insert(tokens).values(token_hash=token_hash, user_id=user_id, name=name)
+                                .returning(tokens.c.id))
+    return result.scalar_one()
 
 
 # The statements every request runs are built once: building a Select and its cache key costs
 # ~200 µs a request, a prebuilt one's key is memoised (ops/soak.py showed the difference).
-_USER_FOR_TOKEN = sa.select(tokens.c.user_id, tokens.c.token_hash).where(
-    tokens.c.token_hash == sa.bindparam("token_hash"))
+# A disabled user's tokens match nothing: the join on the user's primary key is one more index probe.
+_ACTIVE_TOKENS = tokens.join(users, (users.c.id == tokens.c.user_id) & users.c.disabled_at.is_(None))
+_USER_FOR_TOKEN = (sa.select(tokens.c.user_id, tokens.c.token_hash).select_from(_ACTIVE_TOKENS)
+                   .where(tokens.c.token_hash == sa.bindparam("token_hash")))
 
 
 async def user_for_token(conn: AsyncConnection, token_hash: bytes) -> tuple[uuid.UUID, bytes] | None:
     result = await conn.execute(_USER_FOR_TOKEN, {"token_hash": token_hash})
     row = result.first()
     return (row.user_id, row.token_hash) if row else None
+
+
+async def list_tokens(conn: AsyncConnection, user_id: uuid.UUID) -> Sequence[Row[Any]]:
+    return (await conn.execute(
+        sa.select(tokens.c.id, tokens.c.name, tokens.c.created_at, tokens.c.last_used_at, tokens.c.token_hash)
+        .where(tokens.c.user_id == user_id).order_by(tokens.c.created_at, tokens.c.id))).all()
+
+
+async def delete_token(conn: AsyncConnection, token_id: uuid.UUID, user_id: uuid.UUID | None = None) -> bool:
+    """Revoke a token by id (only if it is `user_id`'s, when given)."""
+    query = sa.delete(tokens).where(tokens.c.id == token_id)
+    if user_id is not None:
+        query = query.where(tokens.c.user_id == user_id)
+    return (await conn.execute(query)).rowcount == 1
+
+
+async def record_token_use(conn: AsyncConnection, seen: dict[bytes, datetime]) -> None:
+    await conn.execute(
+        sa.text("UPDATE tokens SET last_used_at = greatest(tokens.last_used_at, v.t) "
+                "FROM unnest(CAST(:hashes AS bytea[]), CAST(:ts AS timestamptz[])) AS v(h, t) "
+                "WHERE tokens.token_hash = v.h"),
+        {"hashes": list(seen), "ts": list(seen.values())})
+
+
+async def get_user(conn: AsyncConnection, user_id: uuid.UUID) -> Row[Any] | None:
+    return (await conn.execute(sa.select(users).where(users.c.id == user_id))).first()
+
+
+async def list_users(conn: AsyncConnection) -> Sequence[Row[Any]]:
+    count = sa.select(sa.func.count()).where(files.c.owner_id == users.c.id).scalar_subquery()
+    total = sa.select(sa.func.coalesce(sa.func.sum(files.c.size), 0)).where(
+        files.c.owner_id == users.c.id).scalar_subquery()
+    return (await conn.execute(
+        sa.select(users.c.id, users.c.name, users.c.created_at, users.c.disabled_at,
+                  count.label("files"), total.label("bytes"))
+        .order_by(users.c.name_key))).all()
+
+
+async def set_disabled(conn: AsyncConnection, name_key: str, disabled: bool) -> bool:
+    """Disable or enable a user by name: an UPDATE of users, which caches of token checks watch."""
+    result = await conn.execute(
+        sa.update(users).where(users.c.name_key == name_key)
+        .values(disabled_at=sa.func.now() if disabled else None))
+    return result.rowcount == 1
+
+
+async def user_upload_ids(conn: AsyncConnection, user_id: uuid.UUID) -> list[uuid.UUID]:
+    return list((await conn.execute(sa.select(uploads.c.id).where(uploads.c.owner_id == user_id))).scalars())
+
+
+async def delete_user(conn: AsyncConnection, user_id: uuid.UUID) -> list[uuid.UUID]:
+    """Delete a user with every token, file and upload (foreign keys cascade); the File blobs
+    deleted, for the caller to remove from disk and queue for deletion from the cloud."""
+    blobs = (await conn.execute(
+        sa.select(files.c.blob_id).where(files.c.owner_id == user_id).with_for_update())).scalars().all()
+    await conn.execute(sa.delete(users).where(users.c.id == user_id))
+    return list(blobs)
 
 
 # ---- files --------------------------------------------------------------------------------------
@@ -262,7 +331,7 @@ async def file_for_token(conn: AsyncConnection, token_hash: bytes, *, file_id: u
 def _file_for_token(key: sa.ColumnElement[Any]) -> sa.Select[Any]:
     match = (files.c.owner_id == tokens.c.user_id) & (key == sa.bindparam("key", type_=key.type))
     return (sa.select(tokens.c.user_id.label("token_user_id"), *files.c)
-            .select_from(tokens.outerjoin(files, match))
+            .select_from(_ACTIVE_TOKENS.outerjoin(files, match))
             .where(tokens.c.token_hash == sa.bindparam("token_hash")))
 
 

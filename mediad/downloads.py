@@ -163,7 +163,10 @@ _FALLBACK_UNSAFE = re.compile(r"[^A-Za-z0-9 !#$&'()+,.=@\[\]^_`{}~-]")
 def content_disposition(name: str, inline: bool = False) -> str:
     """RFC 6266 with an ASCII fallback and the exact name in RFC 8187 `filename*`."""
     def ascii_only(text: str) -> str:
-        folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+        # Letters that decompose keep their base letter (é → e, its accent dropped); every other
+        # character with no ASCII form becomes one "_", so the fallback keeps the name's shape.
+        folded = "".join(ch if ch.isascii() else "" if unicodedata.combining(ch) else "_"
+                         for ch in unicodedata.normalize("NFKD", text))
         return _FALLBACK_UNSAFE.sub("_", folded)
 
     stem, extension = os.path.splitext(name)
@@ -380,6 +383,7 @@ def owned_by_bearer(request: Request, lookup: dict[str, Any]) -> Fetch:
         found = await db.file_for_token(conn, digest, **lookup)
         if found is None:
             raise Unauthorized("unknown token")
+        request.app.state.token_use.touch(digest)
         if found.id is None:  # the token is valid; the file is not the caller's or does not exist
             raise NotFound("no such file")
         return found

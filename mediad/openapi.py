@@ -36,7 +36,7 @@ _PROBLEMS: dict[int, tuple[str, dict[str, str]]] = {
     400: ("Malformed request: bad JSON or header; multipart without a boundary, unterminated, with more "
           "than 100 parts or more than 64 KiB of part headers.", {}),
     401: ("Missing or unknown bearer token.", {"WWW-Authenticate": "Bearer realm=\"mediad\""}),
-    403: ("Expired or altered signed link.", {}),
+    403: ("Expired or altered signed link; a missing or wrong password (DELETE /users/me).", {}),
     404: ("No such resource for this caller (another user's file is indistinguishable from a missing one).",
           {}),
     409: ("Conflict with the current state (name taken, wrong tus offset, upload complete).", {}),
@@ -144,8 +144,29 @@ _SCHEMAS: dict[str, Schema] = {
     }, required=["name"]),
     "User": _object({"id": _UUID, "name": _TEXT,
                      "token": _described(_TEXT, "The bearer token, shown this once.")}),
-    "Login": _object({"name": _TEXT, "password": _TEXT}),
-    "Token": _object({"token": _TEXT, "token_type": {"const": "bearer"}}),
+    "Login": _object({"name": _TEXT, "password": _TEXT,
+                      "token_name": {"type": "string", "minLength": 1, "maxLength": 64, "default": "login",
+                                     "description": "The new token's name, as GET /auth/tokens lists it."}},
+                     required=["name", "password"]),
+    "Token": _object({"token": _TEXT, "token_type": {"const": "bearer"},
+                      "id": _described(_UUID, "The token's id (GET /auth/tokens, DELETE /auth/tokens/{id}).")}),
+    "TokenInfo": _object({
+        "id": _UUID, "name": _TEXT, "created_at": _TIME,
+        "last_used_at": {**_TIME, "type": ["string", "null"],
+                         "description": "Recorded in batches: may lag by up to a minute; null if never used."},
+        "current": _described({"type": "boolean"}, "Whether this is the token of this request."),
+    }),
+    "TokenList": _object({"tokens": {"type": "array", "items": _ref("schemas", "TokenInfo")}}),
+    "NewToken": _object({"name": {"type": "string", "minLength": 1, "maxLength": 64}}),
+    "CreatedToken": _object({"id": _UUID, "name": _TEXT,
+                             "token": _described(_TEXT, "The bearer token, shown this once.")}),
+    "Me": _object({
+        "id": _UUID, "name": _TEXT, "created_at": _TIME,
+        "quota": _described({"type": ["integer", "null"], "minimum": 0}, "Bytes; null: unlimited."),
+        "usage": _ref("schemas", "Usage"),
+    }),
+    "AccountDeletion": _object({"password": _described(_TEXT, "Required when the account has a password.")},
+                               required=[]),
     "Record": _object({
         "id": _described(_UUID, "The record's id, which is its File's id."),
         "user": _UUID,
@@ -302,6 +323,31 @@ _USERS: dict[str, Schema] = {
         "Get a new token for a name and password",
         {"200": _ok("A new token.", _ref("schemas", "Token")), **_errors(400, 401, 422, 503)},
         body=_body(_json(_ref("schemas", "Login"))), security=_PUBLIC, tag="users")},
+}
+
+_TOKEN_ID = _param("token_id", "path", "The token's id (from GET /auth/tokens).", _UUID)
+_ACCOUNTS: dict[str, Schema] = {
+    "/auth/tokens": {
+        "get": _op("The caller's tokens (never their secrets)", {
+            "200": _ok("Oldest first.", _ref("schemas", "TokenList")), **_errors(401, 503)}, tag="users"),
+        "post": _op("A new token for the caller (one per device or app)", {
+            "201": _ok("Created; the token is shown this once.", _ref("schemas", "CreatedToken")),
+            **_errors(400, 401, 422, 503)}, body=_body(_json(_ref("schemas", "NewToken"))), tag="users"),
+    },
+    "/auth/tokens/{token_id}": {
+        "parameters": [_TOKEN_ID],
+        "delete": _op("Revoke one of the caller's tokens", {
+            "204": _ok("Revoked: it stops working at once."), **_errors(401, 404, 503)}, tag="users"),
+    },
+    "/users/me": {
+        "get": _op("The caller's account", {"200": _ok("The account.", _ref("schemas", "Me")),
+                                            **_errors(401, 503)}, tag="users"),
+        "delete": _op("Delete the caller's account", {
+            "204": _ok("Deleted: the user, every token and every file (local bytes at once, cloud copies "
+                       "asynchronously with retries)."), **_errors(400, 401, 403, 422, 503)},
+            description="An account with a password must send it: missing or wrong → 403, nothing deleted.",
+            body=_body(_json(_ref("schemas", "AccountDeletion")), required=False), tag="users"),
+    },
 }
 
 _FILE_BODY_LINKS = _file_links("$response.body#/id")
@@ -477,7 +523,7 @@ _SERVICE: dict[str, Schema] = {
         security=_PUBLIC, tag="service")},
 }
 
-_PATHS: dict[str, Schema] = {**_USERS, **_FILES, **_RECORDS, **_UPLOADS, **_SERVICE}
+_PATHS: dict[str, Schema] = {**_USERS, **_ACCOUNTS, **_FILES, **_RECORDS, **_UPLOADS, **_SERVICE}
 
 
 @functools.cache
