@@ -1,4 +1,4 @@
-"""`mediad serve | migrate` — the command line."""
+"""`mediad serve | migrate | cleanup | cloud | users | tokens | mock-cloud` — the command line."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from . import __version__, mockcloud
+from . import __version__, admin, mockcloud
 from .config import ConfigError, Settings, load_settings
 from .embedded import database
 from .logs import setup_logging
@@ -227,6 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     which = retry_cmd.add_mutually_exclusive_group(required=True)
     which.add_argument("--all", action="store_true", help="every failed file")
     which.add_argument("file_id", nargs="?", help="one file id")
+    admin.add_cli(commands)
     args = parser.parse_args(argv)
     if args.command == "mock-cloud":
         return mockcloud.main_from_args(args)
@@ -249,6 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cleanup(settings, once=args.once or args.dry_run, dry_run=args.dry_run)
     if args.command == "cloud":
         return _cloud_retry(settings, None if args.all else args.file_id)
+    if args.command in ("users", "tokens"):
+        return admin.main_from_args(settings, args)
     if args.command == "migrate":
         from . import migrate
 
