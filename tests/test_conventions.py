@@ -6,6 +6,7 @@ import httpx
 import pytest
 from conftest import assert_problem, make_user, upload
 
+from mediad.config import ConfigError, load_settings
 from mediad.downloads import content_disposition
 
 
@@ -74,3 +75,25 @@ async def test_a_download_keeps_the_exact_name_in_filename_star(client: httpx.As
     response = await client.get(f"/files/{file['id']}/content", headers=user.auth)
     assert response.headers["content-disposition"] == (
         "attachment; filename=\"my _ party notes.txt\"; filename*=UTF-8''my%20%F0%9F%8E%89%20party%20notes.txt")
+
+
+async def test_without_cors_origins_answers_carry_no_cors_headers(client: httpx.AsyncClient) -> None:
+    answer = await client.get("/health", headers={"Origin": "http://127.0.0.1:9"})
+    assert answer.status_code == 200
+    assert not [name for name in answer.headers if name.startswith("access-control-")]
+    preflight = await client.options("/files", headers={"Origin": "http://127.0.0.1:9",
+                                                         "Access-Control-Request-Method": "POST"})
+    assert_problem(preflight, 405)
+    assert "access-control-allow-origin" not in preflight.headers
+
+
+@pytest.mark.parametrize("value", ["example.com", "https://app.example.com/path", "ftp://x", "https://a, b"])
+def test_cors_origins_must_be_origins(value: str) -> None:
+    with pytest.raises(ConfigError, match="MEDIAD_CORS_ORIGINS"):
+        load_settings({"MEDIAD_CORS_ORIGINS": value}, env_file=None)
+
+
+def test_cors_origins_accept_a_list_or_a_star() -> None:
+    settings = load_settings({"MEDIAD_CORS_ORIGINS": "https://a.example, http://127.0.0.1:5173/"}, env_file=None)
+    assert settings.cors_origin_list == ["https://a.example", "http://127.0.0.1:5173"]
+    assert load_settings({"MEDIAD_CORS_ORIGINS": "*"}, env_file=None).cors_origin_list == ["*"]
