@@ -1,5 +1,6 @@
 // The mediad web app: sign in, then uploads (uploads.js), the file list (files.js) and records.
 
+import { revokeSession, setUpAccount } from "./account.js";
 import { api, session } from "./api.js";
 import { closePreview, loadMore, refreshFiles, renderFiles, resetFiles, scheduleRefresh } from "./files.js";
 import { canRecord, startRecording } from "./recorder.js";
@@ -23,7 +24,7 @@ async function authenticate(event) {
     const body = { name, password };
     const answer = signup
       ? await api("/users", { method: "POST", json: password ? body : { name } })
-      : await api("/auth/login", { method: "POST", json: body });
+      : await api("/auth/login", { method: "POST", json: { ...body, token_name: browserName() } });
     session.save(answer.token, signup ? answer.name : name);
     $("auth-password").value = "";
     enterWorkspace();
@@ -32,7 +33,24 @@ async function authenticate(event) {
   }
 }
 
+// Signing out revokes this browser's token on the server, then forgets it here.
+async function signOutEverywhere() {
+  await revokeSession();
+  signOut();
+}
+
+// What GET /auth/tokens will call this sign-in: the browser and system, in a few words.
+function browserName() {
+  const agent = navigator.userAgent;
+  const browser = /Firefox\//.test(agent) ? "Firefox" : /Edg\//.test(agent) ? "Edge"
+    : /Chrom(e|ium)\//.test(agent) ? "Chromium" : /Safari\//.test(agent) ? "Safari" : "browser";
+  const system = /Android/.test(agent) ? "Android" : /iPhone|iPad/.test(agent) ? "iOS"
+    : /Mac OS X/.test(agent) ? "macOS" : /Windows/.test(agent) ? "Windows" : /Linux/.test(agent) ? "Linux" : "";
+  return `web app, ${browser}${system ? ` on ${system}` : ""}`;
+}
+
 function signOut(message) {
+  if ($("account-dialog").open) $("account-dialog").close();
   resetUploads();
   session.clear();
   resetFiles();
@@ -112,7 +130,8 @@ async function sendRecord(blob, name) {
 
 function start() {
   $("auth-form").addEventListener("submit", authenticate);
-  $("sign-out").addEventListener("click", () => signOut());
+  $("sign-out").addEventListener("click", signOutEverywhere);
+  setUpAccount(signOutEverywhere);
   $("alert-close").addEventListener("click", clearError);
   $("filter-form").addEventListener("submit", (event) => {
     event.preventDefault();

@@ -400,3 +400,46 @@ def test_an_upload_resumes_after_the_server_is_killed(page: Any, tmp_path: Path,
     finally:
         relay.close()
         stop_embedded_postgres(data_dir / "pg")
+
+
+def test_the_account_lists_creates_and_revokes_tokens_and_sign_out_revokes_the_session(
+        page: Any, web_server: Server) -> None:
+    token = sign_up(page, web_server.url, "account-page")
+    with api(web_server.url, token) as http:
+        laptop = http.post("/auth/tokens", json={"name": "laptop"}).json()
+
+    page.get_by_role("button", name="Account").click()
+    dialog = page.locator("#account-dialog")
+    expect(dialog).to_be_visible()
+    expect(page.locator("#account-summary")).to_contain_text("account-page · 0 files, 0 bytes")
+    rows = page.locator("#token-rows tr")
+    expect(rows).to_have_count(2)
+    expect(rows.nth(0).locator("td.name")).to_have_text("signup (this browser)")
+    expect(rows.nth(1).locator("td.name")).to_have_text("laptop")
+
+    # Keyboard only: type a name, Enter creates the token, which is shown once, selected for copying.
+    page.locator("#token-name").focus()
+    page.keyboard.type("backup script")
+    page.keyboard.press("Enter")
+    expect(rows).to_have_count(3)
+    created = page.locator("#new-token-value")
+    expect(created).to_be_focused()
+    new_token = created.input_value()
+    with api(web_server.url, new_token) as http:
+        assert http.get("/usage").status_code == 200
+
+    page.set_viewport_size({"width": 375, "height": 800})
+    assert page.evaluate("() => document.querySelector('#account-dialog').scrollWidth") <= 375
+    page.get_by_role("button", name="Revoke laptop").click()
+    expect(rows).to_have_count(2)
+    expect(page.locator("#tokens-status")).to_have_text("2 tokens")
+    with api(web_server.url, laptop["token"]) as http:
+        assert http.get("/usage").status_code == 401
+    page.keyboard.press("Escape")
+    expect(dialog).to_be_hidden()
+
+    with page.expect_request(lambda r: r.method == "DELETE" and r.url.endswith("/auth/token")) as signing_out:
+        page.get_by_role("button", name="Sign out").click()
+    assert signing_out.value.headers["authorization"] == f"Bearer {token}"
+    expect(page.locator("#auth")).to_be_visible()
+    assert page.evaluate("() => sessionStorage.length") == 0
