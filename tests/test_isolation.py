@@ -56,11 +56,25 @@ async def _a_tus_upload(http: httpx.AsyncClient, owner: User) -> tuple[str, Stat
     return location.rsplit("/", 1)[1], state
 
 
+async def _a_token(http: httpx.AsyncClient, owner: User) -> tuple[str, State]:
+    created = await http.post("/auth/tokens", headers=owner.auth, json={"name": "A's device"})
+    assert created.status_code == 201, created.text
+    token = created.json()
+
+    async def state() -> Any:
+        listed = await http.get("/auth/tokens", headers=owner.auth)
+        works = await http.get("/usage", headers={"Authorization": f"Bearer {token['token']}"})
+        return [t["id"] for t in listed.json()["tokens"]], works.status_code
+
+    return token["id"], state
+
+
 # Every path parameter of the app names one kind of resource. A route with a parameter missing here
 # fails test_every_id_route_is_covered: add the kind's factory, and every test below covers it.
 RESOURCES: dict[str, Callable[[httpx.AsyncClient, User], Awaitable[tuple[str, State]]]] = {
     "file_id": _a_file,
     "upload_id": _a_tus_upload,
+    "token_id": _a_token,
 }
 
 
