@@ -11,8 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from . import db, tus
-from .auth import (authenticate, bearer_token, clean_name, new_token, read_json_object, token_hash,
-                   verify_password)
+from .auth import authenticate, bearer_token, clean_name, new_token, read_json_object, token_hash, verify_password
 from .cloud import cloud_key
 from .errors import Forbidden, NotFound
 from .files import rfc3339

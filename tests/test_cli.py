@@ -89,7 +89,8 @@ def test_after_kill_9_nothing_is_left_running(tmp_path: Path) -> None:
 
 # ---- account commands, against a running server's own database ------------------------------
 
-def _mediad(data_dir: Path, *args: str, stdin: str = "", database_url: str | None = None) -> subprocess.CompletedProcess[str]:
+def _mediad(data_dir: Path, *args: str, stdin: str = "",
+            database_url: str | None = None) -> subprocess.CompletedProcess[str]:
     """A `mediad` command with the settings of the server on `data_dir` (as an operator runs it)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEDIAD_")}
     env["MEDIAD_DATA_DIR"] = str(data_dir)

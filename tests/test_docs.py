@@ -61,7 +61,7 @@ async def test_docs_api_md_covers_exactly_the_served_routes(client: httpx.AsyncC
     missing = sorted(served_routes - served - planned)
     assert not missing, f"routes in /openapi.json that docs/api.md does not document: {missing}"
     unknown = sorted(served - served_routes)
-    assert not unknown, f"docs/api.md documents routes that /openapi.json does not have (mark them (planned)?): {unknown}"
+    assert not unknown, f"docs/api.md documents routes /openapi.json does not have (mark them (planned)?): {unknown}"
     landed = sorted(planned & served_routes)
     assert not landed, f"docs/api.md marks served routes as planned (remove the mark): {landed}"
 

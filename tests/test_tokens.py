@@ -7,8 +7,7 @@ from pathlib import Path
 
 import asyncpg
 import httpx
-from conftest import (MockCloud, Server, assert_problem, make_settings, make_user, serve_in_thread, upload,
-                      wait_for)
+from conftest import MockCloud, Server, assert_problem, make_settings, make_user, serve_in_thread, upload, wait_for
 from test_cloud import blob_id, stored
 
 from mediad.cloud import cloud_key
