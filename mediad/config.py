@@ -65,6 +65,9 @@ class Settings:
     db_pool_timeout_s: float = 5.0
     log_level: str = "INFO"
     log_file: Path | None = None
+    # Behind nginx: local-disk downloads are answered with X-Accel-Redirect to this internal
+    # location (ops/nginx.conf), and nginx sends the bytes. None: mediad sends them itself.
+    accel_redirect: str | None = None
 
     @property
     def base_url(self) -> str:
@@ -149,6 +152,9 @@ def _check(settings: Settings) -> None:
     for name in ("header_timeout_s", "body_timeout_s", "max_header_bytes"):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"MEDIAD_{name.upper()} is invalid: must be greater than 0")
+    if settings.accel_redirect is not None and not (
+            settings.accel_redirect.startswith("/") and settings.accel_redirect.endswith("/")):
+        raise ConfigError("MEDIAD_ACCEL_REDIRECT is invalid: expected a location such as /_mediad/")
     if settings.cloud_url and not settings.cloud_url.startswith(("http://", "https://")):
         raise ConfigError("MEDIAD_CLOUD_URL is invalid: expected an http:// or https:// URL")
     if settings.s3_bucket:
