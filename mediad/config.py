@@ -67,6 +67,9 @@ class Settings:
     log_file: Path | None = None
     # Comma-separated origins (https://app.example.com) or *; None: no CORS headers, same-origin only.
     cors_origins: str | None = None
+    # Behind nginx: local-disk downloads are answered with X-Accel-Redirect to this internal
+    # location (ops/nginx.conf), and nginx sends the bytes. None: mediad sends them itself.
+    accel_redirect: str | None = None
 
     @property
     def base_url(self) -> str:
@@ -160,6 +163,9 @@ def _check(settings: Settings) -> None:
         if origin != "*" and not _ORIGIN.match(origin):
             raise ConfigError(f"MEDIAD_CORS_ORIGINS is invalid: {origin!r} is not * or an origin "
                               "such as https://app.example.com (scheme, host, optional port; no path)")
+    if settings.accel_redirect is not None and not (
+            settings.accel_redirect.startswith("/") and settings.accel_redirect.endswith("/")):
+        raise ConfigError("MEDIAD_ACCEL_REDIRECT is invalid: expected a location such as /_mediad/")
     if settings.cloud_url and not settings.cloud_url.startswith(("http://", "https://")):
         raise ConfigError("MEDIAD_CLOUD_URL is invalid: expected an http:// or https:// URL")
     if settings.s3_bucket:

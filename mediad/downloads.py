@@ -40,6 +40,7 @@ from .errors import (
     Unprocessable,
 )
 from .files import parse_file_id
+from .storage import blob_relpath
 from .uploads import clean_path
 
 log = logging.getLogger("mediad.downloads")
@@ -362,6 +363,41 @@ class BlobResponse:
             await send({"type": "http.response.body", "body": b""})
 
 
+class AccelResponse:
+    """The decision without the bytes: nginx sends the blob named in X-Accel-Redirect (ops/nginx.conf
+    keeps our validators and security headers on what it sends)."""
+
+    def __init__(self, plan: _Plan, location: str) -> None:
+        self.plan = plan
+        self.location = location
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # nginx computes Content-Length and Content-Range for the range it sends itself, and adds
+        # its own Accept-Ranges to a whole-body answer (ours would then appear twice).
+        own = {"content-length", "content-range"} | ({"accept-ranges"} if self.plan.status == 200 else set())
+        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self.plan.headers.items()
+                   if k not in own]
+        headers += [(b"x-accel-redirect", self.location.encode("latin-1")), (b"content-length", b"0")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+
+
+def offloadable(method: str, headers: Headers, plan: _Plan) -> bool:
+    """Whether nginx, re-reading the request's Range and conditionals on the internal redirect,
+    sends exactly what mediad would: a GET answered 200 without a Range, or one range asked as
+    one. Several ranges (mediad coalesces them, nginx does not), a Range mediad ignored (malformed,
+    too many, If-Range mismatch) and If-Match/If-Unmodified-Since (nginx would test its own
+    validators) stay with mediad."""
+    if method != "GET" or plan.status not in (200, 206) or plan.boundary:
+        return False
+    if "if-match" in headers or "if-unmodified-since" in headers:
+        return False
+    requested = headers.get("range")
+    if plan.ranges is None:
+        return requested is None
+    return requested is not None and "," not in requested
+
+
 # ---- handlers -----------------------------------------------------------------------------------
 
 def _open_blob(path: os.PathLike[str] | str) -> int | None:
@@ -391,9 +427,11 @@ def owned_by_bearer(request: Request, lookup: dict[str, Any]) -> Fetch:
     return fetch
 
 
-async def serve_file(request: Request, fetch: Fetch) -> BlobResponse:
-    """Answer GET/HEAD for the File `fetch` finds: from this node's disk, else the cloud copy."""
+async def serve_file(request: Request, fetch: Fetch) -> BlobResponse | AccelResponse:
+    """Answer GET/HEAD for the File `fetch` finds: from this node's disk (by nginx when it fronts
+    mediad), else the cloud copy."""
     reader, storage, store = request.app.state.reader, request.app.state.storage, request.app.state.store
+    accel = request.app.state.settings.accel_redirect
     for _ in range(3):
         async with reader.connect() as conn:
             row = await fetch(conn)
@@ -402,6 +440,9 @@ async def serve_file(request: Request, fetch: Fetch) -> BlobResponse:
         request.app.state.access.touch(row.id)
         if row.node == storage.node_id:
             path = str(storage.blob_path(row.blob_id))
+            if (accel and offloadable(request.method, request.headers, plan)
+                    and await anyio.to_thread.run_sync(os.path.exists, path)):
+                return AccelResponse(plan, accel + blob_relpath(row.blob_id).removeprefix("files/"))
             fd = await anyio.to_thread.run_sync(_open_blob, path)
             if fd is not None:
                 return BlobResponse(plan, LocalSource(fd, path), row.size, row.format)
@@ -414,7 +455,7 @@ async def serve_file(request: Request, fetch: Fetch) -> BlobResponse:
     raise ServiceUnavailable("the file's content is not available on this server right now")
 
 
-async def content(request: Request) -> BlobResponse:
+async def content(request: Request) -> BlobResponse | AccelResponse:
     if "signature" in request.query_params:  # a signed link: the signature, not a token, is the capability
         return await serve_file(request, links.signed_fetch(request))
     try:
@@ -436,7 +477,7 @@ def _download_lookup(params: QueryParams) -> dict[str, Any]:
     return {"path": path}
 
 
-async def download(request: Request) -> BlobResponse:
+async def download(request: Request) -> BlobResponse | AccelResponse:
     try:
         lookup = _download_lookup(request.query_params)
     except MediaError:

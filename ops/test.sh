@@ -6,9 +6,13 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 # The browser tests drive Debian's Chromium: install it when missing (as root, never prompting);
 # without it they are skipped with a message.
-if ! command -v chromium >/dev/null && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-        || echo "ops/test.sh: could not install chromium; the browser tests will be skipped" >&2
+# The same for nginx-light, which the tests of mediad behind nginx (tests/nginx) run in front of it.
+missing=()
+command -v chromium >/dev/null || missing+=(chromium)
+[ -x /usr/sbin/nginx ] || command -v nginx >/dev/null || missing+=(nginx-light)
+if [ "${#missing[@]}" -gt 0 ] && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null) \
+        || echo "ops/test.sh: could not install ${missing[*]}; the tests that need them will be skipped" >&2
 fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'

@@ -295,6 +295,15 @@ def test_compose_file_names_services_volumes_health_checks_and_dependencies() ->
     # Docker's default 10 s before SIGKILL would cut off uploads that the 30 s graceful stop lets finish.
     assert int(services["mediad"]["stop_grace_period"].rstrip("s")) > 30
 
+    # The nginx profile serves ops/nginx.conf over the same data volume, read-only, as mediad's user.
+    nginx = services["nginx"]
+    assert nginx["profiles"] == ["nginx"]
+    assert "./ops/nginx.conf:/etc/mediad/nginx.conf:ro" in nginx["volumes"]
+    assert "mediadata:/data:ro" in nginx["volumes"]
+    assert env["MEDIAD_ACCEL_REDIRECT"] == "${MEDIAD_ACCEL_REDIRECT:-}"
+    for marked in ("127.0.0.1:8000", "listen 80;", "/var/lib/mediad/files/", "http {"):
+        assert marked in (ROOT / "ops" / "nginx.conf").read_text()
+
     lines = (ROOT / "Procfile").read_text().splitlines()
     procfile = dict(line.split(":", 1) for line in lines if line.strip())
     assert {"web", "cloud", "cleanup"} <= procfile.keys()
