@@ -51,6 +51,7 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
         app.state.link_key = await anyio.to_thread.run_sync(links.load_key, settings)
         engine = create_engine(url, settings)
         app.state.settings = settings
+        log.info("%s", auth.signup_policy(settings), extra={"signup": "open" if settings.signup_open else "closed"})
         app.state.storage = storage
         app.state.engine = engine
         # Single-statement reads (token checks, lookups, health) skip BEGIN/ROLLBACK: two fewer
@@ -96,6 +97,8 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
         *openapi.routes(),
         Route("/users", auth.create_user, methods=["POST"]),
         Route("/auth/login", auth.login, methods=["POST"]),
+        Route("/auth/config", auth.auth_config, methods=["GET"]),
+        Route("/users/me/password", auth.change_password, methods=["POST"]),
         Route("/files", uploads.post_files, methods=["POST"]),
         Route("/files", uploads.put_files, methods=["PUT"]),
         Route("/files", files.list_, methods=["GET"]),

@@ -5,6 +5,7 @@ No other module reads ``os.environ``. Invalid values fail at start with the vari
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -65,10 +66,42 @@ class Settings:
     db_pool_timeout_s: float = 5.0
     log_level: str = "INFO"
     log_file: Path | None = None
+    # Accounts on a network (mediad/auth.py, mediad/throttle.py). signup None: open only when
+    # `host` is a loopback address, so a service reachable from a network is closed unless told.
+    signup: str | None = None  # "open" | "closed"
+    signin_window_s: float = 900.0
+    signin_block_s: float = 60.0
+    trusted_proxies: str | None = None  # comma-separated addresses or CIDR ranges; None: trust none
+    token_ttl_s: float | None = None  # None: tokens never expire
+    token_idle_s: float | None = None  # None: an unused token never expires
 
     @property
     def base_url(self) -> str:
         return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    @property
+    def signup_open(self) -> bool:
+        if self.signup is not None:
+            return self.signup == "open"
+        return _is_loopback(self.host)
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether `host` (an address or a name) listens on loopback only; 0.0.0.0, :: and names
+    other than localhost count as reachable from a network."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_networks(text: str | None) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """MEDIAD_TRUSTED_PROXIES: comma-separated addresses or CIDR ranges (a bare address is /32 or /128)."""
+    if not text:
+        return ()
+    return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip())
 
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -96,6 +129,8 @@ def _parse_bool(text: str) -> bool:
 
 
 def _convert(name: str, kind: Any, text: str) -> Any:
+    if isinstance(kind, str):
+        kind = kind.removesuffix(" | None")  # unset is None; a value set is of the base type
     if name.endswith("_bytes"):
         value = _parse_size(text)
     elif kind in ("int", int):
@@ -149,9 +184,23 @@ def _check(settings: Settings) -> None:
     for name in ("header_timeout_s", "body_timeout_s", "max_header_bytes"):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"MEDIAD_{name.upper()} is invalid: must be greater than 0")
+    _check_accounts(settings)
     if settings.cloud_url and not settings.cloud_url.startswith(("http://", "https://")):
         raise ConfigError("MEDIAD_CLOUD_URL is invalid: expected an http:// or https:// URL")
     if settings.s3_bucket:
         for name in ("s3_endpoint_url", "s3_access_key", "s3_secret_key"):
             if not getattr(settings, name):
                 raise ConfigError(f"MEDIAD_{name.upper()} is required when MEDIAD_S3_BUCKET is set")
+
+
+def _check_accounts(settings: Settings) -> None:
+    if settings.signup not in (None, "open", "closed"):
+        raise ConfigError(f"MEDIAD_SIGNUP={settings.signup!r} is invalid: expected open or closed")
+    for name in ("signin_window_s", "signin_block_s", "token_ttl_s", "token_idle_s"):
+        value = getattr(settings, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"MEDIAD_{name.upper()} is invalid: must be greater than 0")
+    try:
+        parse_networks(settings.trusted_proxies)
+    except ValueError as exc:
+        raise ConfigError(f"MEDIAD_TRUSTED_PROXIES={settings.trusted_proxies!r} is invalid: {exc}") from None
