@@ -20,7 +20,8 @@ import httpx
 import pytest
 from conftest import Server, assert_problem, make_settings, make_user, mediad_process, serve_in_thread
 
-from mediad.config import ConfigError, load_settings
+from mediad import throttle
+from mediad.config import ConfigError, Settings, load_settings
 
 PASSWORD = "correct horse battery"
 BLOCK_S = 1.0  # the first block, shortened for the tests (default 60 s)
@@ -193,8 +194,10 @@ async def test_two_nodes_on_one_database_share_the_counts(proxied: Server, http:
             assert_throttled(await login(http, frank, PASSWORD, 82), BLOCK_S)
 
 
-async def test_x_forwarded_for_is_ignored_from_an_untrusted_peer(client: httpx.AsyncClient) -> None:
-    # The shared server trusts no proxy: every request below comes from 127.0.0.1, whatever it claims.
+async def test_x_forwarded_for_is_ignored_from_an_untrusted_peer(any_client: httpx.AsyncClient) -> None:
+    # The shared servers trust no proxy: every request below comes from 127.0.0.1, whatever it
+    # claims, on uvicorn (whose own default would trust X-Forwarded-For from 127.0.0.1) and Granian.
+    client = any_client
     for i in range(30):
         response = await client.post("/auth/login", json={"name": fresh_name(), "password": "wrong-password"},
                                      headers=addr(100 + i))
@@ -203,6 +206,29 @@ async def test_x_forwarded_for_is_ignored_from_an_untrusted_peer(client: httpx.A
     response = await client.post("/auth/login", json={"name": user.name, "password": PASSWORD},
                                  headers=addr(200))
     assert_throttled(response, 60)
+
+
+def _scope(peer: str, *forwarded: str) -> dict[str, Any]:
+    return {"client": (peer, 50000), "headers": [(b"x-forwarded-for", value.encode()) for value in forwarded]}
+
+
+@pytest.mark.parametrize(("trusted", "scope", "client"), [
+    (None, _scope("127.0.0.1", "10.1.1.1"), "127.0.0.1"),  # trust none: the peer, whatever it claims
+    ("127.0.0.1", _scope("127.0.0.1", "6.6.6.6, 10.1.1.1"), "10.1.1.1"),  # the proxy's entry, not the claim
+    ("127.0.0.1", _scope("127.0.0.1", "6.6.6.6", "10.1.1.1"), "10.1.1.1"),  # several header lines
+    ("10.0.0.0/8, 192.168.0.1", _scope("10.9.8.7", "2001:db8::1"), "2001:db8::1"),
+    ("10.0.0.0/8", _scope("192.168.0.1", "10.1.1.1"), "192.168.0.1"),  # peer not trusted
+    ("127.0.0.1", _scope("127.0.0.1"), "127.0.0.1"),  # no header: the proxy itself
+    ("127.0.0.1", _scope("127.0.0.1", "not-an-address"), "127.0.0.1"),
+])
+def test_client_address(trusted: str | None, scope: dict[str, Any], client: str) -> None:
+    assert throttle.client_address(scope, Settings(trusted_proxies=trusted)) == client
+
+
+def test_ipv6_clients_count_per_64() -> None:
+    assert throttle.address_key("2001:db8:1:2:aaaa::1") == throttle.address_key("2001:db8:1:2:ffff::9")
+    assert throttle.address_key("2001:db8:1:2::1") != throttle.address_key("2001:db8:1:3::1")
+    assert throttle.address_key("::ffff:10.1.1.1") == throttle.address_key("10.1.1.1") == "addr:10.1.1.1"
 
 
 async def _seconds(answer: Any) -> float:
