@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -266,11 +267,9 @@ async def login(request: Request) -> JSONResponse:
     if not isinstance(name, str) or not isinstance(password, str):
         raise Unprocessable("name and password are required strings")
     keys = [throttle.address_key(throttle.client_address(request.scope, request.app.state.settings))]
-    try:
-        _, name_key = clean_user_name(name)
-    except Unprocessable:
-        name_key = None  # no user can have this name (NUL, control characters, length): wrong credentials
-    else:
+    name_key: str | None = None  # None: no user can have this name (NUL, control characters, length)
+    with contextlib.suppress(Unprocessable):
+        name_key = clean_user_name(name)[1]
         keys.append(throttle.name_key(name_key))
     # The throttle answers before the user is looked up: a blocked name that exists and one that
     # does not get the same answer in the same time.

@@ -325,7 +325,8 @@ _USERS: dict[str, Schema] = {
                     "address, answers 429 with Retry-After until the block ends, even for the right password.",
         body=_body(_json(_ref("schemas", "Login"))), security=_PUBLIC, tag="users")},
     "/auth/config": {"get": _op(
-        "What a sign-in page needs to know", {"200": _ok("Sign-up and token lifetimes.", _ref("schemas", "AuthConfig"))},
+        "What a sign-in page needs to know",
+        {"200": _ok("Sign-up and token lifetimes.", _ref("schemas", "AuthConfig"))},
         security=_PUBLIC, tag="users")},
     "/users/me/password": {"post": _op(
         "Change the caller's password",

@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from starlette.types import Scope
 
 from .config import Settings, parse_networks
@@ -195,7 +195,7 @@ async def succeeded(engine: AsyncEngine, attempt: Attempt) -> None:
                 await _store(conn, {key: undo_failure(Counter(*row), before)})
 
 
-async def _store(conn: sa.ext.asyncio.AsyncConnection, counters: dict[str, Counter]) -> None:
+async def _store(conn: AsyncConnection, counters: dict[str, Counter]) -> None:
     table = signin_throttle
     await conn.execute(
         sa.update(table).where(table.c.key == sa.bindparam("k")).values(
