@@ -11,7 +11,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from . import db, tus
-from .auth import authenticate, bearer_token, clean_name, new_token, read_json_object, token_hash, verify_password
+from .auth import (
+    authenticate,
+    bearer_token,
+    clean_name,
+    new_token,
+    read_json_object,
+    security_event,
+    token_expires_at,
+    token_hash,
+    verify_password,
+)
 from .cloud import cloud_key
 from .errors import Forbidden, NotFound
 from .files import rfc3339
@@ -22,11 +32,13 @@ async def list_tokens(request: Request) -> JSONResponse:
     """GET /auth/tokens: the caller's tokens, oldest first; `current` marks the one presented."""
     user_id = await authenticate(request)
     current = token_hash(bearer_token(request))
+    settings = request.app.state.settings
     async with request.app.state.reader.connect() as conn:
         rows = await db.list_tokens(conn, user_id)
     return JSONResponse({"tokens": [
         {"id": str(row.id), "name": row.name, "created_at": rfc3339(row.created_at),
-         "last_used_at": rfc3339(row.last_used_at), "current": row.token_hash == current}
+         "last_used_at": rfc3339(row.last_used_at), "current": row.token_hash == current,
+         "expires_at": rfc3339(token_expires_at(row.created_at, row.last_used_at, settings))}
         for row in rows]})
 
 
@@ -37,6 +49,7 @@ async def create_token(request: Request) -> JSONResponse:
     token = new_token()
     async with request.app.state.engine.begin() as conn:
         token_id = await db.insert_token(conn, user_id, token_hash(token), name)
+    security_event("token.created", request, user_id=user_id, token_id=str(token_id), via="api")
     return JSONResponse({"id": str(token_id), "name": name, "token": token}, status_code=201)
 
 
@@ -50,6 +63,7 @@ async def revoke_token(request: Request) -> Response:
     async with request.app.state.engine.begin() as conn:
         if not await db.delete_token(conn, token_id, user_id):
             raise NotFound("no such token")
+    security_event("token.revoked", request, user_id=user_id, token_id=str(token_id))
     return Response(status_code=204)
 
 
@@ -80,7 +94,8 @@ async def delete_me(request: Request) -> Response:
             raise Forbidden("send this account's password as {\"password\": …} to delete it")
         if not await anyio.to_thread.run_sync(verify_password, password[:1024], user.password_hash):
             raise Forbidden("wrong password: nothing was deleted")
-    await delete_account(state.engine, state.storage, user_id)
+    deleted = await delete_account(state.engine, state.storage, user_id)
+    security_event("account.deleted", request, user_id=user_id, name=user.name, files=deleted)
     if state.replicator is not None:
         state.replicator.deletions_queued()
     return Response(status_code=204)

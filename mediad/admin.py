@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import db
-from .auth import clean_password, clean_user_name, hash_password, register
+from .auth import clean_password, clean_user_name, hash_password, register, security_event
 from .config import Settings
 from .embedded import database
 from .errors import MediaError
@@ -75,10 +75,11 @@ def _run(settings: Settings, job: Callable[[AsyncEngine], Awaitable[int]]) -> in
 async def _create(engine: AsyncEngine, name: str, name_key: str, password: str | None) -> int:
     password_hash = hash_password(password) if password is not None else None
     try:
-        _, token = await register(engine, name, name_key, password_hash, "cli")
+        user_id, token = await register(engine, name, name_key, password_hash, "cli")
     except MediaError as exc:
         print(f"mediad: {exc.detail}", file=sys.stderr)
         return 1
+    security_event("user.created", user_id=user_id, name=name, client="cli")
     print(token)
     return 0
 
@@ -104,6 +105,7 @@ async def _set_disabled(engine: AsyncEngine, name: str, disabled: bool) -> int:
     if not found:
         print(f"mediad: no user named {name!r}", file=sys.stderr)
         return 1
+    security_event("account.disabled" if disabled else "account.enabled", name=name, client="cli")
     print(f"{name}: {'disabled' if disabled else 'enabled'}")
     return 0
 
@@ -118,5 +120,6 @@ async def _revoke(engine: AsyncEngine, text: str) -> int:
         if not await db.delete_token(conn, token_id):
             print(f"mediad: no token with id {token_id}", file=sys.stderr)
             return 1
+    security_event("token.revoked", token_id=str(token_id), client="cli")
     print(f"token {token_id} revoked")
     return 0

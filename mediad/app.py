@@ -52,6 +52,7 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
         app.state.link_key = await anyio.to_thread.run_sync(links.load_key, settings)
         engine = create_engine(url, settings)
         app.state.settings = settings
+        log.info("%s", auth.signup_policy(settings), extra={"signup": "open" if settings.signup_open else "closed"})
         app.state.storage = storage
         app.state.engine = engine
         # Single-statement reads (token checks, lookups, health) skip BEGIN/ROLLBACK: two fewer
@@ -59,7 +60,6 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
         app.state.reader = engine.execution_options(isolation_level="AUTOCOMMIT")
         app.state.store = app.state.replicator = app.state.last_cleanup = None
         app.state.access = AccessTracker()
-        app.state.token_use = auth.TokenUse()
         app.state.metrics = metrics
         app.state.transcoder = audio.Transcoder(settings)
         app.state.tus_hashers = {}  # upload id → (offset, sha256 so far) while an upload is live
@@ -68,9 +68,6 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
             stack.callback(storage.leave)
             await recover(engine, storage)  # what a dead process left on this data dir
             stack.push_async_callback(_flush_quietly, app.state.access, engine)
-            stack.push_async_callback(_flush_quietly, app.state.token_use, engine)
-            stack.push_async_callback(_stop, asyncio.create_task(app.state.token_use.run(engine),
-                                                                 name="token-use"))
             if settings.cloud_url or settings.s3_bucket:
                 http = await stack.enter_async_context(httpx.AsyncClient(
                     timeout=httpx.Timeout(60, connect=5), limits=httpx.Limits(max_connections=64)))
@@ -106,6 +103,8 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
         Route("/auth/tokens/{token_id}", accounts.revoke_token, methods=["DELETE"]),
         Route("/users/me", accounts.show_me, methods=["GET"]),
         Route("/users/me", accounts.delete_me, methods=["DELETE"]),
+        Route("/auth/config", auth.auth_config, methods=["GET"]),
+        Route("/users/me/password", auth.change_password, methods=["POST"]),
         Route("/files", uploads.post_files, methods=["POST"]),
         Route("/files", uploads.put_files, methods=["PUT"]),
         Route("/files", files.list_, methods=["GET"]),
@@ -141,7 +140,7 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
     return app
 
 
-async def _flush_quietly(tracker: AccessTracker | auth.TokenUse, engine: AsyncEngine) -> None:
+async def _flush_quietly(tracker: AccessTracker, engine: AsyncEngine) -> None:
     try:
         await tracker.flush(engine)
     except Exception as exc:

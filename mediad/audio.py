@@ -208,7 +208,7 @@ async def _form_identity(request: Request, fields: dict[str, str]) -> uuid.UUID:
     user, token = fields.get("user"), fields.get("token")
     if not user or not token:
         raise Unauthorized("a bearer token, or the form fields user and token, are required")
-    owner = await user_for_token(request.app.state.reader, token)
+    owner = await user_for_token(request.app.state.reader, token, request.app.state.settings)
     if str(owner) != user.strip().lower():
         raise Unauthorized("the token does not belong to that user")
     return owner

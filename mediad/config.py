@@ -5,6 +5,7 @@ No other module reads ``os.environ``. Invalid values fail at start with the vari
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -70,6 +71,14 @@ class Settings:
     # Behind nginx: local-disk downloads are answered with X-Accel-Redirect to this internal
     # location (ops/nginx.conf), and nginx sends the bytes. None: mediad sends them itself.
     accel_redirect: str | None = None
+    # Accounts on a network (mediad/auth.py, mediad/throttle.py). signup None: open only when
+    # `host` is a loopback address, so a service reachable from a network is closed unless told.
+    signup: str | None = None  # "open" | "closed"
+    signin_window_s: float = 900.0
+    signin_block_s: float = 60.0
+    trusted_proxies: str | None = None  # comma-separated addresses or CIDR ranges; None: trust none
+    token_ttl_s: float | None = None  # None: tokens never expire
+    token_idle_s: float | None = None  # None: an unused token never expires
 
     @property
     def base_url(self) -> str:
@@ -78,6 +87,28 @@ class Settings:
     @property
     def cors_origin_list(self) -> list[str]:
         return [origin.strip().rstrip("/") for origin in (self.cors_origins or "").split(",") if origin.strip()]
+    def signup_open(self) -> bool:
+        if self.signup is not None:
+            return self.signup == "open"
+        return _is_loopback(self.host)
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether `host` (an address or a name) listens on loopback only; 0.0.0.0, :: and names
+    other than localhost count as reachable from a network."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_networks(text: str | None) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """MEDIAD_TRUSTED_PROXIES: comma-separated addresses or CIDR ranges (a bare address is /32 or /128)."""
+    if not text:
+        return ()
+    return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip())
 
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -106,6 +137,8 @@ def _parse_bool(text: str) -> bool:
 
 
 def _convert(name: str, kind: Any, text: str) -> Any:
+    if isinstance(kind, str):
+        kind = kind.removesuffix(" | None")  # unset is None; a value set is of the base type
     if name.endswith("_bytes"):
         value = _parse_size(text)
     elif kind in ("int", int):
@@ -166,9 +199,23 @@ def _check(settings: Settings) -> None:
     if settings.accel_redirect is not None and not (
             settings.accel_redirect.startswith("/") and settings.accel_redirect.endswith("/")):
         raise ConfigError("MEDIAD_ACCEL_REDIRECT is invalid: expected a location such as /_mediad/")
+    _check_accounts(settings)
     if settings.cloud_url and not settings.cloud_url.startswith(("http://", "https://")):
         raise ConfigError("MEDIAD_CLOUD_URL is invalid: expected an http:// or https:// URL")
     if settings.s3_bucket:
         for name in ("s3_endpoint_url", "s3_access_key", "s3_secret_key"):
             if not getattr(settings, name):
                 raise ConfigError(f"MEDIAD_{name.upper()} is required when MEDIAD_S3_BUCKET is set")
+
+
+def _check_accounts(settings: Settings) -> None:
+    if settings.signup not in (None, "open", "closed"):
+        raise ConfigError(f"MEDIAD_SIGNUP={settings.signup!r} is invalid: expected open or closed")
+    for name in ("signin_window_s", "signin_block_s", "token_ttl_s", "token_idle_s"):
+        value = getattr(settings, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"MEDIAD_{name.upper()} is invalid: must be greater than 0")
+    try:
+        parse_networks(settings.trusted_proxies)
+    except ValueError as exc:
+        raise ConfigError(f"MEDIAD_TRUSTED_PROXIES={settings.trusted_proxies!r} is invalid: {exc}") from None

@@ -55,8 +55,22 @@ tokens = sa.Table(
     sa.Column("id", UUID(as_uuid=True), nullable=False, unique=True,
               server_default=sa.text("gen_random_uuid()")),
     sa.Column("name", sa.Text, nullable=False, server_default="login"),
-    # Written in batches (TokenUse in auth.py), so it may lag by up to a minute.
+    # Written when older than a fraction of the idle window (auth.touch_due), not on every use.
     sa.Column("last_used_at", TZ),
+)
+
+signin_throttle = sa.Table(
+    "signin_throttle",
+    metadata,
+    # Failed sign-ins per "name:<name key>" or "addr:<client address>" (mediad/throttle.py); in
+    # the database so that every worker and node counts the same attempts.
+    sa.Column("key", sa.Text, primary_key=True),
+    sa.Column("failures", sa.Integer, nullable=False, server_default="0"),  # in the current window
+    sa.Column("window_started_at", TZ, nullable=False, server_default=sa.func.now()),
+    sa.Column("blocked_until", TZ),
+    # Blocks so far: the next one lasts MEDIAD_SIGNIN_BLOCK_S * 2**level (at most an hour).
+    sa.Column("level", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("updated_at", TZ, nullable=False, server_default=sa.func.now(), index=True),
 )
 
 CLOUD_STATES = ("pending", "stored", "failed")
@@ -241,14 +255,38 @@ async def insert_token(conn: AsyncConnection, user_id: uuid.UUID, token_hash: by
 # ~200 µs a request, a prebuilt one's key is memoised (ops/soak.py showed the difference).
 # A disabled user's tokens match nothing: the join on the user's primary key is one more index probe.
 _ACTIVE_TOKENS = tokens.join(users, (users.c.id == tokens.c.user_id) & users.c.disabled_at.is_(None))
-_USER_FOR_TOKEN = (sa.select(tokens.c.user_id, tokens.c.token_hash).select_from(_ACTIVE_TOKENS)
-                   .where(tokens.c.token_hash == sa.bindparam("token_hash")))
+_USER_FOR_TOKEN = (sa.select(tokens.c.user_id, tokens.c.token_hash, tokens.c.created_at, tokens.c.last_used_at)
+                   .select_from(_ACTIVE_TOKENS).where(tokens.c.token_hash == sa.bindparam("token_hash")))
 
 
-async def user_for_token(conn: AsyncConnection, token_hash: bytes) -> tuple[uuid.UUID, bytes] | None:
+async def user_for_token(conn: AsyncConnection, token_hash: bytes) -> Row[Any] | None:
+    """(user_id, token_hash, created_at, last_used_at) of a token, or None."""
     result = await conn.execute(_USER_FOR_TOKEN, {"token_hash": token_hash})
-    row = result.first()
-    return (row.user_id, row.token_hash) if row else None
+    return result.first()
+
+
+_TOUCH_TOKEN = sa.update(tokens).where(
+    tokens.c.token_hash == sa.bindparam("digest"),
+    sa.or_(tokens.c.last_used_at.is_(None), tokens.c.last_used_at < sa.bindparam("before", type_=TZ)),
+).values(last_used_at=sa.func.now())
+
+
+async def touch_token(conn: AsyncConnection, token_hash: bytes, before: datetime) -> None:
+    """Record a use of the token unless one was recorded since `before` (other workers race)."""
+    await conn.execute(_TOUCH_TOKEN, {"digest": token_hash, "before": before})
+
+
+async def user_by_id(conn: AsyncConnection, user_id: uuid.UUID) -> Row[Any] | None:
+    return (await conn.execute(sa.select(users).where(users.c.id == user_id))).first()
+
+
+async def set_password(conn: AsyncConnection, user_id: uuid.UUID, password_hash: str,
+                       keep_token_hash: bytes) -> int:
+    """Change the password and revoke every token of the user but `keep_token_hash`; → revoked count."""
+    await conn.execute(sa.update(users).where(users.c.id == user_id).values(password_hash=password_hash))
+    result = await conn.execute(sa.delete(tokens).where(tokens.c.user_id == user_id,
+                                                        tokens.c.token_hash != keep_token_hash))
+    return result.rowcount
 
 
 async def list_tokens(conn: AsyncConnection, user_id: uuid.UUID) -> Sequence[Row[Any]]:
@@ -263,14 +301,6 @@ async def delete_token(conn: AsyncConnection, token_id: uuid.UUID, user_id: uuid
     if user_id is not None:
         query = query.where(tokens.c.user_id == user_id)
     return (await conn.execute(query)).rowcount == 1
-
-
-async def record_token_use(conn: AsyncConnection, seen: dict[bytes, datetime]) -> None:
-    await conn.execute(
-        sa.text("UPDATE tokens SET last_used_at = greatest(tokens.last_used_at, v.t) "
-                "FROM unnest(CAST(:hashes AS bytea[]), CAST(:ts AS timestamptz[])) AS v(h, t) "
-                "WHERE tokens.token_hash = v.h"),
-        {"hashes": list(seen), "ts": list(seen.values())})
 
 
 async def get_user(conn: AsyncConnection, user_id: uuid.UUID) -> Row[Any] | None:
@@ -330,7 +360,8 @@ async def file_for_token(conn: AsyncConnection, token_hash: bytes, *, file_id: u
 
 def _file_for_token(key: sa.ColumnElement[Any]) -> sa.Select[Any]:
     match = (files.c.owner_id == tokens.c.user_id) & (key == sa.bindparam("key", type_=key.type))
-    return (sa.select(tokens.c.user_id.label("token_user_id"), *files.c)
+    return (sa.select(tokens.c.user_id.label("token_user_id"), tokens.c.created_at.label("token_created_at"),
+                      tokens.c.last_used_at.label("token_last_used_at"), *files.c)
             .select_from(_ACTIVE_TOKENS.outerjoin(files, match))
             .where(tokens.c.token_hash == sa.bindparam("token_hash")))
 

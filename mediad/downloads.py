@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
 from . import db, links
-from .auth import authenticate, bearer_token, token_hash
+from .auth import UNKNOWN_TOKEN, accept_token, authenticate, bearer_token, token_hash
 from .cloud import CloudError, Store, cloud_key
 from .errors import (
     MediaError,
@@ -414,12 +414,13 @@ def owned_by_bearer(request: Request, lookup: dict[str, Any]) -> Fetch:
     """The caller's File selected by `lookup` (file_id= or path=): token check and lookup in one
     query; 401 for an unknown token, 404 for a file that is not the caller's."""
     digest = token_hash(bearer_token(request))
+    settings = request.app.state.settings
 
     async def fetch(conn: AsyncConnection) -> Row[Any]:
         found = await db.file_for_token(conn, digest, **lookup)
         if found is None:
-            raise Unauthorized("unknown token")
-        request.app.state.token_use.touch(digest)
+            raise Unauthorized(UNKNOWN_TOKEN)
+        await accept_token(conn, digest, found.token_created_at, found.token_last_used_at, settings)
         if found.id is None:  # the token is valid; the file is not the caller's or does not exist
             raise NotFound("no such file")
         return found

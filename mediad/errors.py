@@ -80,6 +80,13 @@ class Unprocessable(MediaError):
     status, slug = 422, "invalid-field"
 
 
+class TooManyRequests(MediaError):
+    status, slug = 429, "too-many-requests"
+
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(detail, {"Retry-After": str(retry_after)})
+
+
 class ServiceUnavailable(MediaError):
     status, slug = 503, "service-unavailable"
 

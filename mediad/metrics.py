@@ -165,6 +165,7 @@ class TelemetryMiddleware:
         metrics = self.metrics
         started = time.perf_counter()
         request_id = logs.request_id(scope)
+        scope["mediad.request_id"] = request_id  # for log lines written while handling it
         method = scope["method"] if scope["method"] in _METHODS else "other"
         status = bytes_in = bytes_out = 0
         upload: bool | None = None  # decided at the first read of the body, after routing

@@ -36,7 +36,8 @@ _PROBLEMS: dict[int, tuple[str, dict[str, str]]] = {
     400: ("Malformed request: bad JSON or header; multipart without a boundary, unterminated, with more "
           "than 100 parts or more than 64 KiB of part headers.", {}),
     401: ("Missing or unknown bearer token.", {"WWW-Authenticate": "Bearer realm=\"mediad\""}),
-    403: ("Expired or altered signed link; a missing or wrong password (DELETE /users/me).", {}),
+    403: ("Expired or altered signed link; sign-up closed (POST /users); a missing or wrong password "
+          "(DELETE /users/me, POST /users/me/password).", {}),
     404: ("No such resource for this caller (another user's file is indistinguishable from a missing one).",
           {}),
     409: ("Conflict with the current state (name taken, wrong tus offset, upload complete).", {}),
@@ -48,6 +49,8 @@ _PROBLEMS: dict[int, tuple[str, dict[str, str]]] = {
     416: ("No requested range overlaps the file.", {"Content-Range": "`bytes */<size>`"}),
     422: ("Well-formed but invalid fields (name, path, limit, cursor, password…).", {}),
     423: ("Another PATCH holds this upload; retry when it is done.", {}),
+    429: ("Too many failed sign-ins for this name or from this address; retry after Retry-After "
+          "(even with the right password).", {"Retry-After": "Seconds until the block ends."}),
     460: ("tus checksum mismatch: the chunk was discarded and the offset is unchanged.", {}),
     503: ("The database (or the node holding the bytes) is unavailable; retry after Retry-After.",
           {"Retry-After": "Seconds to wait before retrying."}),
@@ -155,6 +158,9 @@ _SCHEMAS: dict[str, Schema] = {
         "last_used_at": {**_TIME, "type": ["string", "null"],
                          "description": "Recorded in batches: may lag by up to a minute; null if never used."},
         "current": _described({"type": "boolean"}, "Whether this is the token of this request."),
+        "expires_at": {**_TIME, "type": ["string", "null"],
+                       "description": "When the token stops working (MEDIAD_TOKEN_TTL_S, MEDIAD_TOKEN_IDLE_S); "
+                                      "null: never."},
     }),
     "TokenList": _object({"tokens": {"type": "array", "items": _ref("schemas", "TokenInfo")}}),
     "NewToken": _object({"name": {"type": "string", "minLength": 1, "maxLength": 64}}),
@@ -167,6 +173,16 @@ _SCHEMAS: dict[str, Schema] = {
     }),
     "AccountDeletion": _object({"password": _described(_TEXT, "Required when the account has a password.")},
                                required=[]),
+    "AuthConfig": _object({
+        "signup": _described({"enum": ["open", "closed"]}, "Whether POST /users creates accounts (MEDIAD_SIGNUP)."),
+        "token_ttl_s": _described({"type": ["number", "null"]}, "Tokens expire this long after creation; null: never."),
+        "token_idle_s": _described({"type": ["number", "null"]}, "Tokens expire this long after their last use; "
+                                   "null: never."),
+    }),
+    "PasswordChange": _object({
+        "password": _described({"type": ["string", "null"]}, "The current password; null when none is set."),
+        "new_password": {"type": "string", "minLength": 8, "maxLength": 1024},
+    }, required=["new_password"]),
     "Record": _object({
         "id": _described(_UUID, "The record's id, which is its File's id."),
         "user": _UUID,
@@ -313,16 +329,36 @@ def _download(summary: str, extra: list[Schema], errors: Schema, security: list[
 
 # ---- the paths ----------------------------------------------------------------------------------
 
+_SIGNUP_OPEN = _op(
+    "Create a user",
+    {"201": _ok("Created; the token is shown this once.", _ref("schemas", "User")),
+     **_errors(400, 409, 422, 503)},
+    body=_body(_json(_ref("schemas", "NewUser"))), security=_PUBLIC, tag="users")
+# What POST /users is on a server with MEDIAD_SIGNUP=closed (document(signup_open=False)).
+_SIGNUP_CLOSED = _op(
+    "Create a user (sign-up is closed on this server)", _errors(403),
+    description="Sign-up is closed (MEDIAD_SIGNUP=closed, or unset on a non-loopback MEDIAD_HOST): "
+                "every request answers 403; an operator creates accounts with `mediad users create`.",
+    body=_body(_json(_ref("schemas", "NewUser"))), security=_PUBLIC, tag="users")
+
 _USERS: dict[str, Schema] = {
-    "/users": {"post": _op(
-        "Create a user",
-        {"201": _ok("Created; the token is shown this once.", _ref("schemas", "User")),
-         **_errors(400, 409, 422, 503)},
-        body=_body(_json(_ref("schemas", "NewUser"))), security=_PUBLIC, tag="users")},
+    "/users": {"post": _SIGNUP_OPEN},
     "/auth/login": {"post": _op(
         "Get a new token for a name and password",
-        {"200": _ok("A new token.", _ref("schemas", "Token")), **_errors(400, 401, 422, 503)},
+        {"200": _ok("A new token.", _ref("schemas", "Token")), **_errors(400, 401, 422, 429, 503)},
+        description="After 5 failures for one name within MEDIAD_SIGNIN_WINDOW_S, or 30 from one client "
+                    "address, answers 429 with Retry-After until the block ends, even for the right password.",
         body=_body(_json(_ref("schemas", "Login"))), security=_PUBLIC, tag="users")},
+    "/auth/config": {"get": _op(
+        "What a sign-in page needs to know",
+        {"200": _ok("Sign-up and token lifetimes.", _ref("schemas", "AuthConfig"))},
+        security=_PUBLIC, tag="users")},
+    "/users/me/password": {"post": _op(
+        "Change the caller's password",
+        {"204": _ok("Changed; every other token of the user is revoked, the one used here is kept."),
+         **_errors(400, 401, 403, 422, 429, 503)},
+        description="A wrong current password answers 403 and counts as a failed sign-in.",
+        body=_body(_json(_ref("schemas", "PasswordChange"))), tag="users")},
 }
 
 _TOKEN_ID = _param("token_id", "path", "The token's id (from GET /auth/tokens).", _UUID)
@@ -527,7 +563,7 @@ _PATHS: dict[str, Schema] = {**_USERS, **_ACCOUNTS, **_FILES, **_RECORDS, **_UPL
 
 
 @functools.cache
-def document() -> Schema:
+def document(signup_open: bool = True) -> Schema:
     responses = {f"Problem{s}": _problem_response(s) for s in _PROBLEMS}
     responses["ProblemDefault"] = {
         "description": "Any other error, such as 500 for an unexpected one (logged, never a stack trace).",
@@ -545,7 +581,7 @@ def document() -> Schema:
         "tags": [{"name": "users"}, {"name": "files"}, {"name": "uploads", "description": "tus 1.0.0"},
                  {"name": "records"}, {"name": "service"}],
         "security": [{"bearer": []}],
-        "paths": _PATHS,
+        "paths": _PATHS if signup_open else {**_PATHS, "/users": {"post": _SIGNUP_CLOSED}},
         "components": {
             "schemas": _SCHEMAS,
             "responses": responses,
@@ -556,12 +592,12 @@ def document() -> Schema:
 
 
 @functools.cache
-def _document_bytes() -> bytes:
-    return json.dumps(document(), ensure_ascii=False, separators=(",", ":")).encode()
+def _document_bytes(signup_open: bool = True) -> bytes:
+    return json.dumps(document(signup_open), ensure_ascii=False, separators=(",", ":")).encode()
 
 
 async def openapi_json(request: Request) -> Response:
-    return Response(_document_bytes(), media_type="application/json")
+    return Response(_document_bytes(request.app.state.settings.signup_open), media_type="application/json")
 
 
 async def docs_page(request: Request) -> Response:

@@ -228,7 +228,7 @@ def _clean_state(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     if database is None:
         return
-    _run(_admin(database, "TRUNCATE users, tokens, files, records, uploads, cloud_deletions CASCADE"))
+    _run(_admin(database, "TRUNCATE users, tokens, files, records, uploads, cloud_deletions, signin_throttle CASCADE"))
     if shared is not None:
         for path in shared.blob_files() + shared.stray_temp_files() + shared.partial_files():
             path.unlink(missing_ok=True)

@@ -6,6 +6,8 @@ import { closePreview, loadMore, refreshFiles, renderFiles, resetFiles, schedule
 import { canRecord, startRecording } from "./recorder.js";
 import { $, clearError, h, humanSize, showError, shownName } from "./ui.js";
 import { clearFinished, resetUploads, setUpDropzone, showRemembered, uploadsRunning } from "./uploads.js";
+import { resetPasswordForm, setUpPasswordForm } from "./password.js";
+import { applySignupPolicy } from "./signup.js";
 
 // ---- signing in --------------------------------------------------------------------------------
 
@@ -54,6 +56,7 @@ function signOut(message) {
   resetUploads();
   session.clear();
   resetFiles();
+  resetPasswordForm();
   $("records").replaceChildren();
   $("workspace").hidden = true;
   $("account").hidden = true;
@@ -150,6 +153,8 @@ function start() {
     if (file) await sendRecord(file, file.name);
   });
   setUpDropzone();
+  setUpPasswordForm();
+  applySignupPolicy();
   window.addEventListener("mediad:unauthorized", () => signOut("Your session is no longer valid; sign in again."));
   window.addEventListener("beforeunload", (event) => {
     if (uploadsRunning()) event.preventDefault(); // they could resume, but ask

@@ -16,7 +16,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,6 @@ import httpx
 import pytest
 from conftest import (
     Server,
-    User,
     assert_problem,
     free_port,
     make_settings,
