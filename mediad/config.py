@@ -87,6 +87,8 @@ class Settings:
     @property
     def cors_origin_list(self) -> list[str]:
         return [origin.strip().rstrip("/") for origin in (self.cors_origins or "").split(",") if origin.strip()]
+
+    @property
     def signup_open(self) -> bool:
         if self.signup is not None:
             return self.signup == "open"
