@@ -25,6 +25,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
 from . import audio, auth, downloads, files, links, openapi, tus, uploads
+from .cache import LookupCache, listener_dsn
 from .cleanup import AccessTracker, cleanup_loop, recover
 from .cloud import CloudError, ObjectStore, Replicator
 from .config import Settings
@@ -61,7 +62,12 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
         app.state.metrics = metrics
         app.state.transcoder = audio.Transcoder(settings)
         app.state.tus_hashers = {}  # upload id → (offset, sha256 so far) while an upload is live
+        app.state.cache = None
         async with contextlib.AsyncExitStack() as stack:
+            if settings.cache_max_age_s > 0:  # the download path's lookups, kept fresh by LISTEN
+                app.state.cache = LookupCache(settings.cache_max_age_s)
+                listener = asyncio.create_task(app.state.cache.listen(listener_dsn(url)), name="cache-listener")
+                stack.push_async_callback(_stop, listener)
             stack.push_async_callback(engine.dispose)
             stack.callback(storage.leave)
             await recover(engine, storage)  # what a dead process left on this data dir
@@ -96,6 +102,7 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
         *openapi.routes(),
         Route("/users", auth.create_user, methods=["POST"]),
         Route("/auth/login", auth.login, methods=["POST"]),
+        Route("/auth/token", auth.sign_out, methods=["DELETE"]),
         Route("/files", uploads.post_files, methods=["POST"]),
         Route("/files", uploads.put_files, methods=["PUT"]),
         Route("/files", files.list_, methods=["GET"]),
@@ -118,7 +125,7 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
     ]
     return Starlette(
         routes=routes,
-        middleware=[Middleware(TelemetryMiddleware, metrics)],
+        middleware=[Middleware(TelemetryMiddleware, metrics), Middleware(downloads.FastDownloads)],
         exception_handlers={
             MediaError: _media_error,
             HTTPException: _http_error,

@@ -261,7 +261,8 @@ async def file_for_token(conn: AsyncConnection, token_hash: bytes, *, file_id: u
 
 def _file_for_token(key: sa.ColumnElement[Any]) -> sa.Select[Any]:
     match = (files.c.owner_id == tokens.c.user_id) & (key == sa.bindparam("key", type_=key.type))
-    return (sa.select(tokens.c.user_id.label("token_user_id"), *files.c)
+    return (sa.select(tokens.c.user_id.label("token_user_id"), tokens.c.created_at.label("token_created_at"),
+                      *files.c)
             .select_from(tokens.outerjoin(files, match))
             .where(tokens.c.token_hash == sa.bindparam("token_hash")))
 

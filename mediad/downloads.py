@@ -13,11 +13,13 @@ import logging
 import os
 import re
 import secrets
+import time
 import unicodedata
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote
 
 import anyio
@@ -25,10 +27,11 @@ from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.datastructures import Headers, QueryParams
 from starlette.requests import Request
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import db, links
 from .auth import authenticate, bearer_token, token_hash
+from .cache import LookupCache
 from .cloud import CloudError, Store, cloud_key
 from .errors import (
     MediaError,
@@ -174,15 +177,55 @@ def content_disposition(name: str, inline: bool = False) -> str:
     return f"{kind}; filename=\"{fallback}\"; filename*=UTF-8''{encoded}"
 
 
-def _modified(row: Row[Any]) -> datetime:
-    # HTTP dates have one-second resolution; compare at that resolution.
-    return row.updated_at.astimezone(UTC).replace(microsecond=0)
+_Raw = list[tuple[bytes, bytes]]
 
 
-def representation_headers(row: Row[Any], inline: bool) -> dict[str, str]:
+def _raw(headers: dict[str, str]) -> _Raw:
+    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+
+
+@dataclass(slots=True)
+class Representation:
+    """A File as a download serves it, its header bytes built once: a hot file's many range
+    requests then add only Content-Length/Content-Range. Kept by the lookup cache (cache.py)."""
+
+    id: uuid.UUID
+    owner_id: uuid.UUID
+    path: str | None
+    size: int
+    format: str
+    blob_id: uuid.UUID
+    node: uuid.UUID | None
+    cloud_state: str
+    record: bool  # the File of an audio record: also served by the tokenless /record link
+    etag: str
+    modified: datetime  # at HTTP dates' one-second resolution
+    # Two contents can share a Last-Modified second, so the date is a strong validator only while
+    # the File has its first content (RFC 9110 §8.8.2.2); a replace keeps the id. None otherwise.
+    strong_date: str | None
+    sha256: str
+    full: tuple[_Raw, _Raw]  # every representation header: (attachment, inline)
+    not_modified: tuple[_Raw, _Raw]  # what a 304 repeats (RFC 9110 §15.4.5)
+    cached_at: float
+
+    @classmethod
+    def from_row(cls, row: Row[Any], record: bool = False) -> Representation:
+        modified = row.updated_at.astimezone(UTC).replace(microsecond=0)
+        variants = [representation_headers(row, modified, inline) for inline in (False, True)]
+        keep = ("etag", "last-modified", "cache-control", "content-disposition")
+        full = (_raw(variants[0]), _raw(variants[1]))
+        short = (_raw({k: variants[0][k] for k in keep}), _raw({k: variants[1][k] for k in keep}))
+        last_modified = variants[0]["last-modified"]
+        return cls(row.id, row.owner_id, row.path, row.size, row.format, row.blob_id, row.node,
+                   row.cloud_state, record, variants[0]["etag"], modified,
+                   last_modified if row.updated_at == row.created_at else None, row.sha256,
+                   full, short, time.monotonic())
+
+
+def representation_headers(row: Row[Any], modified: datetime, inline: bool) -> dict[str, str]:
     return {
         "etag": f'"{row.sha256}"',
-        "last-modified": email.utils.format_datetime(_modified(row), usegmt=True),
+        "last-modified": email.utils.format_datetime(modified, usegmt=True),
         "accept-ranges": "bytes",
         "content-type": row.format,
         "content-disposition": content_disposition(row.name, inline),
@@ -195,43 +238,38 @@ def representation_headers(row: Row[Any], inline: bool) -> dict[str, str]:
 
 # ---- sending ------------------------------------------------------------------------------------
 
-@dataclass
+@dataclass(slots=True)
 class _Plan:
     status: int
-    headers: dict[str, str]
+    headers: _Raw
     ranges: Ranges | None  # None: the whole body
     boundary: str = ""
 
 
-def plan_response(method: str, headers: Headers, row: Row[Any], inline: bool) -> _Plan:
+def plan_response(method: str, headers: Headers, rep: Representation, inline: bool) -> _Plan:
     """Status, headers and byte ranges for a GET/HEAD of this File (no I/O)."""
-    base = representation_headers(row, inline)
-    outcome = evaluate_preconditions(headers, base["etag"], _modified(row))
+    outcome = evaluate_preconditions(headers, rep.etag, rep.modified)
     if outcome == 412:
         raise PreconditionFailed("If-Match or If-Unmodified-Since does not hold for this file")
     if outcome == 304:
-        keep = ("etag", "last-modified", "cache-control", "content-disposition")
-        return _Plan(304, {k: base[k] for k in keep}, [])
-    size = row.size
+        return _Plan(304, list(rep.not_modified[inline]), [])
+    size, base = rep.size, rep.full[inline]
     ranges = None
-    # Two contents can share a Last-Modified second, so the date is a strong validator only while
-    # the File has its first content (RFC 9110 §8.8.2.2); a replace keeps the id.
-    strong_date = base["last-modified"] if row.updated_at == row.created_at else None
     # Range handling is defined for GET only (RFC 9110 §14.2): HEAD describes the full 200.
-    if method == "GET" and range_applies(headers, base["etag"], strong_date):
+    if method == "GET" and range_applies(headers, rep.etag, rep.strong_date):
         ranges = parse_ranges(headers.get("range"), size)
     if ranges is None:
-        return _Plan(200, {**base, "content-length": str(size)}, None)
+        return _Plan(200, [*base, (b"content-length", b"%d" % size)], None)
     if len(ranges) == 1:
         start, end = ranges[0]
-        return _Plan(206, {**base, "content-length": str(end - start),
-                           "content-range": f"bytes {start}-{end - 1}/{size}"}, ranges)
+        return _Plan(206, [*base, (b"content-length", b"%d" % (end - start)),
+                           (b"content-range", b"bytes %d-%d/%d" % (start, end - 1, size))], ranges)
     boundary = secrets.token_hex(16)
-    length = sum(len(_part_header(boundary, base["content-type"], s, e, size)) + (e - s) + 2
+    length = sum(len(_part_header(boundary, rep.format, s, e, size)) + (e - s) + 2
                  for s, e in ranges) + len(_closing(boundary))
-    headers_out = {**base, "content-type": f"multipart/byteranges; boundary={boundary}",
-                   "content-length": str(length)}
-    return _Plan(206, headers_out, ranges, boundary)
+    content_type = f"multipart/byteranges; boundary={boundary}".encode("latin-1")
+    headers_out = [(k, content_type if k == b"content-type" else v) for k, v in base]
+    return _Plan(206, [*headers_out, (b"content-length", b"%d" % length)], ranges, boundary)
 
 
 def _part_header(boundary: str, content_type: str, start: int, end: int, size: int) -> bytes:
@@ -326,8 +364,7 @@ class BlobResponse:
 
     async def _send(self, scope: Scope, send: Send) -> None:
         plan = self.plan
-        raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in plan.headers.items()]
-        await send({"type": "http.response.start", "status": plan.status, "headers": raw_headers})
+        await send({"type": "http.response.start", "status": plan.status, "headers": plan.headers})
         if scope["method"] == "HEAD" or plan.status == 304:
             await send({"type": "http.response.body", "body": b""})
             return
@@ -361,11 +398,28 @@ class BlobResponse:
 
 # ---- handlers -----------------------------------------------------------------------------------
 
-def _open_blob(path: os.PathLike[str] | str) -> int | None:
+def _open_blob(path: str) -> int | None:
     try:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
+
+
+async def respond(request: Request, rep: Representation, *, on_loop: bool = False) -> BlobResponse | None:
+    """The answer for this File from this node's disk, else its cloud copy; None when neither
+    has it now. `on_loop`: open on the event loop, for a file just served (its directory entries
+    are cached, so open() does not wait for the disk); else in a thread."""
+    state = request.app.state
+    plan = plan_response(request.method, request.headers, rep, request.query_params.get("inline") == "1")
+    state.access.touch(rep.id)
+    if rep.node == state.storage.node_id:
+        path = str(state.storage.blob_path(rep.blob_id))
+        fd = _open_blob(path) if on_loop else await anyio.to_thread.run_sync(_open_blob, path)
+        if fd is not None:
+            return BlobResponse(plan, LocalSource(fd, path), rep.size, rep.format)
+    if rep.cloud_state == "stored" and state.store is not None:
+        return BlobResponse(plan, CloudSource(state.store, cloud_key(rep.blob_id)), rep.size, rep.format)
+    return None
 
 
 Fetch = Callable[[AsyncConnection], Awaitable[Row[Any]]]
@@ -375,11 +429,15 @@ def owned_by_bearer(request: Request, lookup: dict[str, Any]) -> Fetch:
     """The caller's File selected by `lookup` (file_id= or path=): token check and lookup in one
     query; 401 for an unknown token, 404 for a file that is not the caller's."""
     digest = token_hash(bearer_token(request))
+    cache: LookupCache | None = request.app.state.cache
 
     async def fetch(conn: AsyncConnection) -> Row[Any]:
+        stamp = cache.stamp() if cache is not None else None
         found = await db.file_for_token(conn, digest, **lookup)
         if found is None:
             raise Unauthorized("unknown token")
+        if cache is not None:
+            cache.keep_token(stamp, digest, found.token_user_id, found.token_created_at)
         if found.id is None:  # the token is valid; the file is not the caller's or does not exist
             raise NotFound("no such file")
         return found
@@ -387,23 +445,23 @@ def owned_by_bearer(request: Request, lookup: dict[str, Any]) -> Fetch:
     return fetch
 
 
-async def serve_file(request: Request, fetch: Fetch) -> BlobResponse:
-    """Answer GET/HEAD for the File `fetch` finds: from this node's disk, else the cloud copy."""
-    reader, storage, store = request.app.state.reader, request.app.state.storage, request.app.state.store
+async def serve_file(request: Request, fetch: Fetch, *, record: bool = False) -> BlobResponse:
+    """Answer GET/HEAD for the File `fetch` finds: from this node's disk, else the cloud copy.
+    `record`: `fetch` found it as an audio record's File."""
+    reader, cache = request.app.state.reader, request.app.state.cache
+    node = request.app.state.storage.node_id
     for _ in range(3):
+        stamp = cache.stamp() if cache is not None else None
         async with reader.connect() as conn:
             row = await fetch(conn)
-        plan = plan_response(request.method, request.headers, row,
-                             request.query_params.get("inline") == "1")
-        request.app.state.access.touch(row.id)
-        if row.node == storage.node_id:
-            path = str(storage.blob_path(row.blob_id))
-            fd = await anyio.to_thread.run_sync(_open_blob, path)
-            if fd is not None:
-                return BlobResponse(plan, LocalSource(fd, path), row.size, row.format)
-        if row.cloud_state == "stored" and store is not None:
-            return BlobResponse(plan, CloudSource(store, cloud_key(row.blob_id)), row.size, row.format)
-        if row.node not in (None, storage.node_id):
+        known = cache.file(row.id) if cache is not None else None
+        rep = Representation.from_row(row, record or (known is not None and known.record))
+        if cache is not None:
+            cache.keep_file(stamp, rep)
+        response = await respond(request, rep)
+        if response is not None:
+            return response
+        if rep.node not in (None, node):
             raise ServiceUnavailable("the file is on another mediad node's disk and not in the cloud yet",
                                      retry_after=5)
         # Replaced, deleted or evicted between the lookup and the open: look again.
@@ -440,3 +498,82 @@ async def download(request: Request) -> BlobResponse:
         raise
     return await serve_file(request, owned_by_bearer(request, lookup))
 
+
+# ---- the fast path --------------------------------------------------------------------------------
+
+class _Route(NamedTuple):
+    path: str  # the route template, as metrics.route_template reads it from scope["route"]
+
+
+_CONTENT = _Route("/files/{file_id}/content")
+_FAST_ROUTES = {"/download": _Route("/download"), "/record": _Route("/record")}
+_CONTENT_PATH = re.compile(r"/files/([^/]+)/content")
+
+
+class FastDownloads:
+    """Answers GET/HEAD of the download routes from the lookup cache, without Starlette's routing,
+    its Request per route or a database round trip; everything it is not sure of (a cache miss,
+    any error, a file not on this disk) goes on to the app, which answers as it always did and
+    fills the cache. Both paths build the answer with `respond`, so they answer alike."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD") and not scope.get("root_path"):
+            response = await self._answer(scope)
+            if response is not None:
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    async def _answer(self, scope: Scope) -> BlobResponse | None:
+        path = scope["path"]
+        route = _FAST_ROUTES.get(path)
+        match = None if route is not None else _CONTENT_PATH.fullmatch(path)
+        if route is None and match is None:
+            return None
+        request = Request(scope)
+        cache: LookupCache | None = request.app.state.cache
+        if cache is None:
+            return None
+        try:
+            rep = _cached(request, cache, route, match.group(1) if match else None)
+            if rep is None:
+                return None
+            response = await respond(request, rep, on_loop=True)
+        except MediaError:
+            return None  # the app answers it, from the database, as it would have anyway
+        if response is None:
+            cache.forget_file(rep.id)
+            return None
+        scope["route"] = route or _CONTENT
+        return response
+
+
+def _cached(request: Request, cache: LookupCache, route: _Route | None,
+            file_id: str | None) -> Representation | None:
+    """The File this request may be served, as the cache knows it; None when it does not know.
+    Raises MediaError where the app's handler would answer an error."""
+    params = request.query_params
+    if file_id is not None and "signature" in params:
+        query = links.parse_query(params)
+        links.check_expiry(query, time.time())
+        rep: Representation | None = cache.file(parse_file_id(file_id))
+        if rep is not None:
+            links.verify(request.app.state.link_key, rep.id, query, rep.sha256)
+        return rep
+    if route is _FAST_ROUTES["/record"]:
+        if "id" not in params or "user" not in params:
+            return None
+        rep = cache.file(parse_file_id(params["id"]))
+        user_id = parse_file_id(params["user"])
+        return rep if rep is not None and rep.record and rep.owner_id == user_id else None
+    token = cache.user(token_hash(bearer_token(request)))
+    if token is None:
+        return None
+    lookup = _download_lookup(params) if file_id is None else {"file_id": parse_file_id(file_id)}
+    if "path" in lookup:
+        return cache.file_at(token.user_id, lookup["path"])
+    rep = cache.file(lookup["file_id"])
+    return rep if rep is not None and rep.owner_id == token.user_id else None
