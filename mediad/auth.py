@@ -12,9 +12,10 @@ import uuid
 from typing import Any
 
 import anyio
+import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from . import db
 from .errors import BadRequest, Conflict, Unauthorized, Unprocessable
@@ -159,3 +160,14 @@ async def login(request: Request) -> JSONResponse:
     async with request.app.state.engine.begin() as conn:
         await db.insert_token(conn, user.id, token_hash(token))
     return JSONResponse({"token": token, "token_type": "bearer"})
+
+
+async def sign_out(request: Request) -> Response:
+    """DELETE /auth/token: revoke the presented token (204), on every node within 1 s (the
+    tokens table's trigger notifies the download caches); an unknown token is 401."""
+    digest = token_hash(bearer_token(request))
+    async with request.app.state.engine.begin() as conn:
+        result = await conn.execute(sa.delete(db.tokens).where(db.tokens.c.token_hash == digest))
+    if result.rowcount != 1:
+        raise Unauthorized("unknown token")
+    return Response(status_code=204)

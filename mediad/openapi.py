@@ -302,6 +302,10 @@ _USERS: dict[str, Schema] = {
         "Get a new token for a name and password",
         {"200": _ok("A new token.", _ref("schemas", "Token")), **_errors(400, 401, 422, 503)},
         body=_body(_json(_ref("schemas", "Login"))), security=_PUBLIC, tag="users")},
+    "/auth/token": {"delete": _op(
+        "Sign out: revoke the presented token",
+        {"204": _ok("Revoked: the token stops working on every node within 1 s."), **_errors(401, 503)},
+        tag="users")},
 }
 
 _FILE_BODY_LINKS = _file_links("$response.body#/id")
