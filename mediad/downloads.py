@@ -117,7 +117,9 @@ def _etags(header: str) -> list[str]:
     return [tag.strip() for tag in header.split(",") if tag.strip()]
 
 
-def _http_date(text: str) -> datetime | None:
+def _http_date(text: str | None) -> datetime | None:
+    if text is None:
+        return None  # absent, the common case: no parse attempt (and its exception) per request
     try:
         parsed = email.utils.parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError):
@@ -133,7 +135,7 @@ def evaluate_preconditions(headers: Headers, etag: str, modified: datetime) -> i
         if "*" not in tags and etag not in tags:  # strong comparison: W/ tags never match
             return 412
     else:
-        since = _http_date(headers.get("if-unmodified-since", ""))
+        since = _http_date(headers.get("if-unmodified-since"))
         if since is not None and modified > since:
             return 412
     if_none_match = headers.get("if-none-match")
@@ -142,7 +144,7 @@ def evaluate_preconditions(headers: Headers, etag: str, modified: datetime) -> i
         if "*" in tags or etag in tags:
             return 304
     else:
-        since = _http_date(headers.get("if-modified-since", ""))
+        since = _http_date(headers.get("if-modified-since"))
         if since is not None and modified <= since:
             return 304
     return None
@@ -207,6 +209,7 @@ class Representation:
     full: tuple[_Raw, _Raw]  # every representation header: (attachment, inline)
     not_modified: tuple[_Raw, _Raw]  # what a 304 repeats (RFC 9110 §15.4.5)
     cached_at: float
+    local_path: str = ""  # the blob's path on this node's disk, once a download has asked
 
     @classmethod
     def from_row(cls, row: Row[Any], record: bool = False) -> Representation:
@@ -413,7 +416,7 @@ async def respond(request: Request, rep: Representation, *, on_loop: bool = Fals
     plan = plan_response(request.method, request.headers, rep, request.query_params.get("inline") == "1")
     state.access.touch(rep.id)
     if rep.node == state.storage.node_id:
-        path = str(state.storage.blob_path(rep.blob_id))
+        path = rep.local_path = rep.local_path or str(state.storage.blob_path(rep.blob_id))
         fd = _open_blob(path) if on_loop else await anyio.to_thread.run_sync(_open_blob, path)
         if fd is not None:
             return BlobResponse(plan, LocalSource(fd, path), rep.size, rep.format)

@@ -9,6 +9,7 @@ Payloads (one line of text, well under NOTIFY's 8000-byte limit):
   t <token_hash hex>   a token row was updated or deleted
   u <user id>          a user row was updated or deleted (drops everything of that user)
   f <file id>          a file row was inserted, deleted, or updated in a column a download uses
+  *                    one of the tables was truncated (drops everything)
 
 Revision ID: 0005
 Revises: 0004
@@ -48,6 +49,10 @@ def upgrade() -> None:
                                                   WHEN 'tokens' THEN {_array(_TOKENS_VOLATILE)}
                                                   ELSE {_array(_USERS_VOLATILE)} END;
         BEGIN
+            IF TG_LEVEL = 'STATEMENT' THEN  -- TRUNCATE fires no row triggers
+                PERFORM pg_notify('mediad_changes', '*');
+                RETURN NULL;
+            END IF;
             IF TG_OP = 'UPDATE' AND (to_jsonb(OLD) - volatile) IS NOT DISTINCT FROM (to_jsonb(NEW) - volatile) THEN
                 RETURN NULL;  -- nothing a cached answer depends on has changed
             END IF;
@@ -72,9 +77,13 @@ def upgrade() -> None:
                "FOR EACH ROW EXECUTE FUNCTION mediad_notify_change()")
     op.execute("CREATE TRIGGER files_notify_change AFTER INSERT OR UPDATE OR DELETE ON files "
                "FOR EACH ROW EXECUTE FUNCTION mediad_notify_change()")
+    for table in ("tokens", "users", "files"):
+        op.execute(f"CREATE TRIGGER {table}_notify_truncate AFTER TRUNCATE ON {table} "
+                   "FOR EACH STATEMENT EXECUTE FUNCTION mediad_notify_change()")
 
 
 def downgrade() -> None:
     for table in ("files", "users", "tokens"):
+        op.execute(f"DROP TRIGGER {table}_notify_truncate ON {table}")
         op.execute(f"DROP TRIGGER {table}_notify_change ON {table}")
     op.execute("DROP FUNCTION mediad_notify_change()")
