@@ -24,7 +24,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
-from . import audio, auth, downloads, files, links, openapi, tus, uploads
+from . import audio, auth, downloads, fastpath, files, links, openapi, tus, uploads
 from .cache import LookupCache, listener_dsn
 from .cleanup import AccessTracker, cleanup_loop, recover
 from .cloud import CloudError, ObjectStore, Replicator
@@ -125,7 +125,7 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
     ]
     return Starlette(
         routes=routes,
-        middleware=[Middleware(TelemetryMiddleware, metrics), Middleware(downloads.FastDownloads)],
+        middleware=[Middleware(TelemetryMiddleware, metrics), Middleware(fastpath.FastDownloads)],
         exception_handlers={
             MediaError: _media_error,
             HTTPException: _http_error,

@@ -39,7 +39,7 @@ log = logging.getLogger("mediad.cache")
 CHANNEL = "mediad_changes"  # the triggers of migration 0005 notify this
 _PING_S = 0.25
 _FRESH_S = 1.0  # answers are trusted this long after the last answered ping
-_BACKOFF_S = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+_BACKOFF_S = (0.1, 0.2, 0.5, 1.0, 2.0)  # the cache is off meanwhile: come back soon
 _MAX_TOKENS = 10_000
 _MAX_FILES = 50_000
 
@@ -178,7 +178,7 @@ class LookupCache:
             try:
                 conn = await asyncpg.connect(dsn, timeout=5,
                                              server_settings={"application_name": "mediad-cache"})
-            except (OSError, asyncio.TimeoutError, asyncpg.PostgresError) as exc:
+            except Exception as exc:  # whatever it is, the cache stays off and the listener retries
                 delay = _BACKOFF_S[min(failures, len(_BACKOFF_S) - 1)]
                 failures += 1
                 log.debug("cache: listener cannot connect (%s); retrying in %.1f s", exc.__class__.__name__, delay)
@@ -191,7 +191,7 @@ class LookupCache:
                 failures = 0
                 log.info("cache: listening for changes on %r", CHANNEL)
                 await self._ping(conn)
-            except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except Exception as exc:
                 log.debug("cache: listener connection failed: %s", exc.__class__.__name__)
             finally:
                 self._lost()

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import Any
 from urllib.parse import quote
 
 import anyio
@@ -27,7 +27,7 @@ from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.datastructures import Headers, QueryParams
 from starlette.requests import Request
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from . import db, links
 from .auth import authenticate, bearer_token, token_hash
@@ -482,7 +482,7 @@ async def content(request: Request) -> BlobResponse:
     return await serve_file(request, owned_by_bearer(request, {"file_id": file_id}))
 
 
-def _download_lookup(params: QueryParams) -> dict[str, Any]:
+def download_lookup(params: QueryParams) -> dict[str, Any]:
     if ("id" in params) == ("path" in params):
         raise Unprocessable("give exactly one of ?id= or ?path=")
     if "id" in params:
@@ -495,88 +495,8 @@ def _download_lookup(params: QueryParams) -> dict[str, Any]:
 
 async def download(request: Request) -> BlobResponse:
     try:
-        lookup = _download_lookup(request.query_params)
+        lookup = download_lookup(request.query_params)
     except MediaError:
         await authenticate(request)  # a missing or unknown token is 401 first, as on every route
         raise
     return await serve_file(request, owned_by_bearer(request, lookup))
-
-
-# ---- the fast path --------------------------------------------------------------------------------
-
-class _Route(NamedTuple):
-    path: str  # the route template, as metrics.route_template reads it from scope["route"]
-
-
-_CONTENT = _Route("/files/{file_id}/content")
-_FAST_ROUTES = {"/download": _Route("/download"), "/record": _Route("/record")}
-_CONTENT_PATH = re.compile(r"/files/([^/]+)/content")
-
-
-class FastDownloads:
-    """Answers GET/HEAD of the download routes from the lookup cache, without Starlette's routing,
-    its Request per route or a database round trip; everything it is not sure of (a cache miss,
-    any error, a file not on this disk) goes on to the app, which answers as it always did and
-    fills the cache. Both paths build the answer with `respond`, so they answer alike."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD") and not scope.get("root_path"):
-            response = await self._answer(scope)
-            if response is not None:
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-    async def _answer(self, scope: Scope) -> BlobResponse | None:
-        path = scope["path"]
-        route = _FAST_ROUTES.get(path)
-        match = None if route is not None else _CONTENT_PATH.fullmatch(path)
-        if route is None and match is None:
-            return None
-        request = Request(scope)
-        cache: LookupCache | None = request.app.state.cache
-        if cache is None:
-            return None
-        try:
-            rep = _cached(request, cache, route, match.group(1) if match else None)
-            if rep is None:
-                return None
-            response = await respond(request, rep, on_loop=True)
-        except MediaError:
-            return None  # the app answers it, from the database, as it would have anyway
-        if response is None:
-            cache.forget_file(rep.id)
-            return None
-        scope["route"] = route or _CONTENT
-        return response
-
-
-def _cached(request: Request, cache: LookupCache, route: _Route | None,
-            file_id: str | None) -> Representation | None:
-    """The File this request may be served, as the cache knows it; None when it does not know.
-    Raises MediaError where the app's handler would answer an error."""
-    params = request.query_params
-    if file_id is not None and "signature" in params:
-        query = links.parse_query(params)
-        links.check_expiry(query, time.time())
-        rep: Representation | None = cache.file(parse_file_id(file_id))
-        if rep is not None:
-            links.verify(request.app.state.link_key, rep.id, query, rep.sha256)
-        return rep
-    if route is _FAST_ROUTES["/record"]:
-        if "id" not in params or "user" not in params:
-            return None
-        rep = cache.file(parse_file_id(params["id"]))
-        user_id = parse_file_id(params["user"])
-        return rep if rep is not None and rep.record and rep.owner_id == user_id else None
-    token = cache.user(token_hash(bearer_token(request)))
-    if token is None:
-        return None
-    lookup = _download_lookup(params) if file_id is None else {"file_id": parse_file_id(file_id)}
-    if "path" in lookup:
-        return cache.file_at(token.user_id, lookup["path"])
-    rep = cache.file(lookup["file_id"])
-    return rep if rep is not None and rep.owner_id == token.user_id else None
