@@ -167,6 +167,10 @@ _FALLBACK_UNSAFE = re.compile(r"[^A-Za-z0-9 !#$&'()+,.=@\[\]^_`{}~-]")
 
 def content_disposition(name: str, inline: bool = False) -> str:
     """RFC 6266 with an ASCII fallback and the exact name in RFC 8187 `filename*`."""
+    return f"{'inline' if inline else 'attachment'}; {_filename_parameters(name)}"
+
+
+def _filename_parameters(name: str) -> str:
     def ascii_only(text: str) -> str:
         folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
         return _FALLBACK_UNSAFE.sub("_", folded)
@@ -175,8 +179,7 @@ def content_disposition(name: str, inline: bool = False) -> str:
     # A name with no ASCII in its stem still keeps its extension: "download.mp4", not "mp4".
     fallback = ((ascii_only(stem).strip(" .")[:150] or "download") + ascii_only(extension)[:20]).strip(" ")
     encoded = quote(name, safe="!#$&+-.^_`|~")
-    kind = "inline" if inline else "attachment"
-    return f"{kind}; filename=\"{fallback}\"; filename*=UTF-8''{encoded}"
+    return f"filename=\"{fallback}\"; filename*=UTF-8''{encoded}"
 
 
 _Raw = list[tuple[bytes, bytes]]
@@ -214,24 +217,27 @@ class Representation:
     @classmethod
     def from_row(cls, row: Row[Any], record: bool = False) -> Representation:
         modified = row.updated_at.astimezone(UTC).replace(microsecond=0)
-        variants = [representation_headers(row, modified, inline) for inline in (False, True)]
+        attachment = representation_headers(row, modified)
+        parameters = attachment["content-disposition"].partition("; ")[2]
+        inline = {**attachment, "content-disposition": f"inline; {parameters}"}
         keep = ("etag", "last-modified", "cache-control", "content-disposition")
-        full = (_raw(variants[0]), _raw(variants[1]))
-        short = (_raw({k: variants[0][k] for k in keep}), _raw({k: variants[1][k] for k in keep}))
-        last_modified = variants[0]["last-modified"]
+        last_modified = attachment["last-modified"]
         return cls(row.id, row.owner_id, row.path, row.size, row.format, row.blob_id, row.node,
-                   row.cloud_state, record, variants[0]["etag"], modified,
+                   row.cloud_state, record, attachment["etag"], modified,
                    last_modified if row.updated_at == row.created_at else None, row.sha256,
-                   full, short, time.monotonic())
+                   (_raw(attachment), _raw(inline)),
+                   (_raw({k: attachment[k] for k in keep}), _raw({k: inline[k] for k in keep})),
+                   time.monotonic())
 
 
-def representation_headers(row: Row[Any], modified: datetime, inline: bool) -> dict[str, str]:
+def representation_headers(row: Row[Any], modified: datetime) -> dict[str, str]:
+    """The headers of every answer about the File (as an attachment; `?inline=1` swaps the kind)."""
     return {
         "etag": f'"{row.sha256}"',
         "last-modified": email.utils.format_datetime(modified, usegmt=True),
         "accept-ranges": "bytes",
         "content-type": row.format,
-        "content-disposition": content_disposition(row.name, inline),
+        "content-disposition": content_disposition(row.name),
         "cache-control": "private, no-cache",
         "x-content-type-options": "nosniff",
         # User content served from our origin must never run as our page.
