@@ -191,6 +191,9 @@ class LookupCache:
                 failures = 0
                 log.info("cache: listening for changes on %r", CHANNEL)
                 await self._ping(conn)
+            except asyncio.CancelledError:
+                self._fresh_until = 0.0  # shutting down: not a loss worth a warning
+                raise
             except Exception as exc:
                 log.debug("cache: listener connection failed: %s", exc.__class__.__name__)
             finally:

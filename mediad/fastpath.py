@@ -1,5 +1,5 @@
 """The download routes' fast path: GET/HEAD answered from the lookup cache (cache.py) without
-Starlette's routing, a Request per route or a database round trip.
+Starlette's routing and exception middleware or a database round trip.
 
 Profiled under wrk (64 KiB ranges of a hot file), a cached answer costs the server about a third
 of a full one; the rest of a request's cost is the server's own and the socket's. Everything the
