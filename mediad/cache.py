@@ -161,7 +161,11 @@ class LookupCache:
 
     def _notified(self, conn: Any, pid: int, channel: str, payload: str) -> None:
         kind, _, key = payload.partition(" ")
-        self._invalidate(kind, key)
+        try:
+            self._invalidate(kind, key)
+        except Exception:  # asyncpg would only log it: never leave an entry a change named
+            log.exception("cache: could not apply the notification %r; dropping everything", payload[:100])
+            self._drop_all()
 
     def _lost(self, conn: Any = None) -> None:
         if self._fresh_until:
