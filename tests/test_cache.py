@@ -50,14 +50,16 @@ async def sql(server: Server, statement: str, *args: Any) -> str:
 
 
 async def within_1s(request: Any, expected_status: int, body: bytes | None = None) -> float:
-    """Seconds until `request()` answers `expected_status` (and `body`); fails after 1 s."""
+    """Seconds after the change of the first request that got `expected_status` (and `body`);
+    fails if a request sent 1 s or more after the change still got the old answer (the time a
+    slow answer takes on a loaded machine does not count against the server)."""
     started = time.monotonic()
     while True:
+        sent = time.monotonic() - started
         response = await request()
         if response.status_code == expected_status and (body is None or response.content == body):
-            return time.monotonic() - started
-        assert time.monotonic() - started < 1.0, (
-            f"still {response.status_code} {response.content[:40]!r} 1 s after the change")
+            return sent
+        assert sent < 1.0, f"still {response.status_code} {response.content[:40]!r} 1 s after the change"
         await asyncio.sleep(0.02)
 
 
@@ -190,9 +192,8 @@ async def test_a_lost_listener_drops_the_cache(http: httpx.AsyncClient, cache_se
     finally:
         await conn.close()
     # The loss is seen when the socket closes, or at the latest 1 s after the last ping.
-    took = await within_1s(lambda: http.get(target, headers={**user.auth, **RANGE}), 401)
+    await within_1s(lambda: http.get(target, headers={**user.auth, **RANGE}), 401)
     for _ in range(20):  # and it stays so, listener back or not
         assert_problem(await http.get(target, headers={**user.auth, **RANGE}), 401)
         await asyncio.sleep(0.05)
-    assert took < 1.0
 

@@ -26,13 +26,15 @@ SLOW_AGE = {"MEDIAD_CACHE_MAX_AGE_S": "60"}
 
 async def within_1s(request: Callable[[], Awaitable[httpx.Response]], status: int,
                     body: bytes | None = None) -> None:
+    """Until `request()` answers `status` (and `body`); fails if a request sent 1 s or more after
+    the change still got the old answer."""
     started = time.monotonic()
     while True:
+        sent = time.monotonic() - started
         response = await request()
         if response.status_code == status and (body is None or response.content == body):
             return
-        assert time.monotonic() - started < 1.0, (
-            f"still {response.status_code} {response.content[:40]!r} 1 s after the change")
+        assert sent < 1.0, f"still {response.status_code} {response.content[:40]!r} 1 s after the change"
         await asyncio.sleep(0.02)
 
 
