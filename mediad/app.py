@@ -24,7 +24,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
-from . import accounts, audio, auth, downloads, files, links, openapi, tus, uploads
+from . import accounts, audio, auth, downloads, fastpath, files, links, openapi, tus, uploads
+from .cache import LookupCache, listener_dsn
 from .cleanup import AccessTracker, cleanup_loop, recover
 from .cloud import CloudError, ObjectStore, Replicator
 from .config import Settings
@@ -63,7 +64,12 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
         app.state.metrics = metrics
         app.state.transcoder = audio.Transcoder(settings)
         app.state.tus_hashers = {}  # upload id → (offset, sha256 so far) while an upload is live
+        app.state.cache = None
         async with contextlib.AsyncExitStack() as stack:
+            if settings.cache_max_age_s > 0:  # the download path's lookups, kept fresh by LISTEN
+                app.state.cache = LookupCache(settings.cache_max_age_s)
+                listener = asyncio.create_task(app.state.cache.listen(listener_dsn(url)), name="cache-listener")
+                stack.push_async_callback(_stop, listener)
             stack.push_async_callback(engine.dispose)
             stack.callback(storage.leave)
             await recover(engine, storage)  # what a dead process left on this data dir
@@ -105,6 +111,7 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
         Route("/users/me", accounts.delete_me, methods=["DELETE"]),
         Route("/auth/config", auth.auth_config, methods=["GET"]),
         Route("/users/me/password", auth.change_password, methods=["POST"]),
+        Route("/auth/token", auth.sign_out, methods=["DELETE"]),
         Route("/files", uploads.post_files, methods=["POST"]),
         Route("/files", uploads.put_files, methods=["PUT"]),
         Route("/files", files.list_, methods=["GET"]),
@@ -127,7 +134,8 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
     ]
     app = Starlette(
         routes=routes,
-        middleware=[*cors(settings), Middleware(TelemetryMiddleware, metrics), Middleware(Conventions)],
+        middleware=[*cors(settings), Middleware(TelemetryMiddleware, metrics), Middleware(Conventions),
+                    Middleware(fastpath.FastDownloads)],  # the fast path innermost: it sees what the app would
         exception_handlers={
             MediaError: _media_error,
             HTTPException: _http_error,

@@ -261,4 +261,4 @@ async def get_record(request: Request) -> Response:
             raise NotFound("no such record")
         return row
 
-    return await serve_file(request, fetch)
+    return await serve_file(request, fetch, record=True)

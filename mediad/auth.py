@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
+import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -172,13 +173,23 @@ def touch_due(last_used_at: datetime | None, now: datetime, settings: Settings) 
 
 
 async def accept_token(conn: AsyncConnection, digest: bytes, created_at: datetime,
-                       last_used_at: datetime | None, settings: Settings) -> None:
-    """401 for an expired token; otherwise record its use when the recorded one is stale."""
+                       last_used_at: datetime | None, settings: Settings) -> datetime | None:
+    """401 for an expired token; otherwise record its use when the recorded one is stale.
+    → the last use as now recorded."""
     now = datetime.now(UTC)
     if token_expired(created_at, last_used_at, now, settings):
         raise Unauthorized(UNKNOWN_TOKEN)
     if touch_due(last_used_at, now, settings):
         await db.touch_token(conn, digest, now - timedelta(seconds=touch_interval_s(settings)))
+        return now
+    return last_used_at
+
+
+def token_fresh(created_at: datetime, last_used_at: datetime | None, settings: Settings) -> bool:
+    """Whether a cached token check may answer without the database: not expired, and its
+    recorded use recent enough that no write is due (else the full check records it)."""
+    now = datetime.now(UTC)
+    return not token_expired(created_at, last_used_at, now, settings) and not touch_due(last_used_at, now, settings)
 
 
 # ---- security events ----------------------------------------------------------------------------
@@ -343,4 +354,16 @@ async def change_password(request: Request) -> Response:
     security_event("password.changed", request, user_id=user.id)
     if revoked:
         security_event("token.revoked", request, user_id=user.id, tokens=revoked, reason="password changed")
+    return Response(status_code=204)
+
+
+async def sign_out(request: Request) -> Response:
+    """DELETE /auth/token: revoke the presented token (204), on every node within 1 s (the
+    tokens table's trigger notifies the download caches); an unknown token is 401."""
+    digest = token_hash(bearer_token(request))
+    async with request.app.state.engine.begin() as conn:
+        result = await conn.execute(sa.delete(db.tokens).where(db.tokens.c.token_hash == digest))
+    if result.rowcount != 1:
+        raise Unauthorized(UNKNOWN_TOKEN)
+    security_event("token.revoked", request, via="sign-out")
     return Response(status_code=204)

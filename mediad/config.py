@@ -63,6 +63,9 @@ class Settings:
     body_timeout_s: float = 30.0
     max_header_bytes: int = 32 * 1024
     db_pool_size: int = 20
+    # Download lookups answered from memory (mediad/cache.py) lapse after this long even without a
+    # change notification; 0 turns the cache off.
+    cache_max_age_s: float = 10.0
     db_pool_timeout_s: float = 5.0
     log_level: str = "INFO"
     log_file: Path | None = None

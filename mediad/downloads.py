@@ -13,7 +13,9 @@ import logging
 import os
 import re
 import secrets
+import time
 import unicodedata
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,6 +31,7 @@ from starlette.types import Receive, Scope, Send
 
 from . import db, links
 from .auth import UNKNOWN_TOKEN, accept_token, authenticate, bearer_token, token_hash
+from .cache import LookupCache
 from .cloud import CloudError, Store, cloud_key
 from .errors import (
     MediaError,
@@ -115,7 +118,9 @@ def _etags(header: str) -> list[str]:
     return [tag.strip() for tag in header.split(",") if tag.strip()]
 
 
-def _http_date(text: str) -> datetime | None:
+def _http_date(text: str | None) -> datetime | None:
+    if text is None:
+        return None  # absent, the common case: no parse attempt (and its exception) per request
     try:
         parsed = email.utils.parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError):
@@ -131,7 +136,7 @@ def evaluate_preconditions(headers: Headers, etag: str, modified: datetime) -> i
         if "*" not in tags and etag not in tags:  # strong comparison: W/ tags never match
             return 412
     else:
-        since = _http_date(headers.get("if-unmodified-since", ""))
+        since = _http_date(headers.get("if-unmodified-since"))
         if since is not None and modified > since:
             return 412
     if_none_match = headers.get("if-none-match")
@@ -140,7 +145,7 @@ def evaluate_preconditions(headers: Headers, etag: str, modified: datetime) -> i
         if "*" in tags or etag in tags:
             return 304
     else:
-        since = _http_date(headers.get("if-modified-since", ""))
+        since = _http_date(headers.get("if-modified-since"))
         if since is not None and modified <= since:
             return 304
     return None
@@ -163,6 +168,10 @@ _FALLBACK_UNSAFE = re.compile(r"[^A-Za-z0-9 !#$&'()+,.=@\[\]^_`{}~-]")
 
 def content_disposition(name: str, inline: bool = False) -> str:
     """RFC 6266 with an ASCII fallback and the exact name in RFC 8187 `filename*`."""
+    return f"{'inline' if inline else 'attachment'}; {_filename_parameters(name)}"
+
+
+def _filename_parameters(name: str) -> str:
     def ascii_only(text: str) -> str:
         # Letters that decompose keep their base letter (é → e, its accent dropped); every other
         # character with no ASCII form becomes one "_", so the fallback keeps the name's shape.
@@ -174,22 +183,65 @@ def content_disposition(name: str, inline: bool = False) -> str:
     # A name with no ASCII in its stem still keeps its extension: "download.mp4", not "mp4".
     fallback = ((ascii_only(stem).strip(" .")[:150] or "download") + ascii_only(extension)[:20]).strip(" ")
     encoded = quote(name, safe="!#$&+-.^_`|~")
-    kind = "inline" if inline else "attachment"
-    return f"{kind}; filename=\"{fallback}\"; filename*=UTF-8''{encoded}"
+    return f"filename=\"{fallback}\"; filename*=UTF-8''{encoded}"
 
 
-def _modified(row: Row[Any]) -> datetime:
-    # HTTP dates have one-second resolution; compare at that resolution.
-    return row.updated_at.astimezone(UTC).replace(microsecond=0)
+_Raw = list[tuple[bytes, bytes]]
 
 
-def representation_headers(row: Row[Any], inline: bool) -> dict[str, str]:
+def _raw(headers: dict[str, str]) -> _Raw:
+    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+
+
+@dataclass(slots=True)
+class Representation:
+    """A File as a download serves it, its header bytes built once: a hot file's many range
+    requests then add only Content-Length/Content-Range. Kept by the lookup cache (cache.py)."""
+
+    id: uuid.UUID
+    owner_id: uuid.UUID
+    path: str | None
+    size: int
+    format: str
+    blob_id: uuid.UUID
+    node: uuid.UUID | None
+    cloud_state: str
+    record: bool  # the File of an audio record: also served by the tokenless /record link
+    etag: str
+    modified: datetime  # at HTTP dates' one-second resolution
+    # Two contents can share a Last-Modified second, so the date is a strong validator only while
+    # the File has its first content (RFC 9110 §8.8.2.2); a replace keeps the id. None otherwise.
+    strong_date: str | None
+    sha256: str
+    full: tuple[_Raw, _Raw]  # every representation header: (attachment, inline)
+    not_modified: tuple[_Raw, _Raw]  # what a 304 repeats (RFC 9110 §15.4.5)
+    cached_at: float
+    local_path: str = ""  # the blob's path on this node's disk, once a download has asked
+
+    @classmethod
+    def from_row(cls, row: Row[Any], record: bool = False) -> Representation:
+        modified = row.updated_at.astimezone(UTC).replace(microsecond=0)
+        attachment = representation_headers(row, modified)
+        parameters = attachment["content-disposition"].partition("; ")[2]
+        inline = {**attachment, "content-disposition": f"inline; {parameters}"}
+        keep = ("etag", "last-modified", "cache-control", "content-disposition")
+        last_modified = attachment["last-modified"]
+        return cls(row.id, row.owner_id, row.path, row.size, row.format, row.blob_id, row.node,
+                   row.cloud_state, record, attachment["etag"], modified,
+                   last_modified if row.updated_at == row.created_at else None, row.sha256,
+                   (_raw(attachment), _raw(inline)),
+                   (_raw({k: attachment[k] for k in keep}), _raw({k: inline[k] for k in keep})),
+                   time.monotonic())
+
+
+def representation_headers(row: Row[Any], modified: datetime) -> dict[str, str]:
+    """The headers of every answer about the File (as an attachment; `?inline=1` swaps the kind)."""
     return {
         "etag": f'"{row.sha256}"',
-        "last-modified": email.utils.format_datetime(_modified(row), usegmt=True),
+        "last-modified": email.utils.format_datetime(modified, usegmt=True),
         "accept-ranges": "bytes",
         "content-type": row.format,
-        "content-disposition": content_disposition(row.name, inline),
+        "content-disposition": content_disposition(row.name),
         "cache-control": "private, no-cache",
         "x-content-type-options": "nosniff",
         # User content served from our origin must never run as our page.
@@ -199,43 +251,38 @@ def representation_headers(row: Row[Any], inline: bool) -> dict[str, str]:
 
 # ---- sending ------------------------------------------------------------------------------------
 
-@dataclass
+@dataclass(slots=True)
 class _Plan:
     status: int
-    headers: dict[str, str]
+    headers: _Raw
     ranges: Ranges | None  # None: the whole body
     boundary: str = ""
 
 
-def plan_response(method: str, headers: Headers, row: Row[Any], inline: bool) -> _Plan:
+def plan_response(method: str, headers: Headers, rep: Representation, inline: bool) -> _Plan:
     """Status, headers and byte ranges for a GET/HEAD of this File (no I/O)."""
-    base = representation_headers(row, inline)
-    outcome = evaluate_preconditions(headers, base["etag"], _modified(row))
+    outcome = evaluate_preconditions(headers, rep.etag, rep.modified)
     if outcome == 412:
         raise PreconditionFailed("If-Match or If-Unmodified-Since does not hold for this file")
     if outcome == 304:
-        keep = ("etag", "last-modified", "cache-control", "content-disposition")
-        return _Plan(304, {k: base[k] for k in keep}, [])
-    size = row.size
+        return _Plan(304, list(rep.not_modified[inline]), [])
+    size, base = rep.size, rep.full[inline]
     ranges = None
-    # Two contents can share a Last-Modified second, so the date is a strong validator only while
-    # the File has its first content (RFC 9110 §8.8.2.2); a replace keeps the id.
-    strong_date = base["last-modified"] if row.updated_at == row.created_at else None
     # Range handling is defined for GET only (RFC 9110 §14.2): HEAD describes the full 200.
-    if method == "GET" and range_applies(headers, base["etag"], strong_date):
+    if method == "GET" and range_applies(headers, rep.etag, rep.strong_date):
         ranges = parse_ranges(headers.get("range"), size)
     if ranges is None:
-        return _Plan(200, {**base, "content-length": str(size)}, None)
+        return _Plan(200, [*base, (b"content-length", b"%d" % size)], None)
     if len(ranges) == 1:
         start, end = ranges[0]
-        return _Plan(206, {**base, "content-length": str(end - start),
-                           "content-range": f"bytes {start}-{end - 1}/{size}"}, ranges)
+        return _Plan(206, [*base, (b"content-length", b"%d" % (end - start)),
+                           (b"content-range", b"bytes %d-%d/%d" % (start, end - 1, size))], ranges)
     boundary = secrets.token_hex(16)
-    length = sum(len(_part_header(boundary, base["content-type"], s, e, size)) + (e - s) + 2
+    length = sum(len(_part_header(boundary, rep.format, s, e, size)) + (e - s) + 2
                  for s, e in ranges) + len(_closing(boundary))
-    headers_out = {**base, "content-type": f"multipart/byteranges; boundary={boundary}",
-                   "content-length": str(length)}
-    return _Plan(206, headers_out, ranges, boundary)
+    content_type = f"multipart/byteranges; boundary={boundary}".encode("latin-1")
+    headers_out = [(k, content_type if k == b"content-type" else v) for k, v in base]
+    return _Plan(206, [*headers_out, (b"content-length", b"%d" % length)], ranges, boundary)
 
 
 def _part_header(boundary: str, content_type: str, start: int, end: int, size: int) -> bytes:
@@ -330,8 +377,7 @@ class BlobResponse:
 
     async def _send(self, scope: Scope, send: Send) -> None:
         plan = self.plan
-        raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in plan.headers.items()]
-        await send({"type": "http.response.start", "status": plan.status, "headers": raw_headers})
+        await send({"type": "http.response.start", "status": plan.status, "headers": plan.headers})
         if scope["method"] == "HEAD" or plan.status == 304:
             await send({"type": "http.response.body", "body": b""})
             return
@@ -374,9 +420,8 @@ class AccelResponse:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # nginx computes Content-Length and Content-Range for the range it sends itself, and adds
         # its own Accept-Ranges to a whole-body answer (ours would then appear twice).
-        own = {"content-length", "content-range"} | ({"accept-ranges"} if self.plan.status == 200 else set())
-        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self.plan.headers.items()
-                   if k not in own]
+        own = {b"content-length", b"content-range"} | ({b"accept-ranges"} if self.plan.status == 200 else set())
+        headers = [(k, v) for k, v in self.plan.headers if k not in own]
         headers += [(b"x-accel-redirect", self.location.encode("latin-1")), (b"content-length", b"0")]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": b""})
@@ -400,11 +445,37 @@ def offloadable(method: str, headers: Headers, plan: _Plan) -> bool:
 
 # ---- handlers -----------------------------------------------------------------------------------
 
-def _open_blob(path: os.PathLike[str] | str) -> int | None:
+def _exists(path: str) -> bool:
+    return os.path.exists(path)
+
+
+def _open_blob(path: str) -> int | None:
     try:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
+
+
+async def respond(request: Request, rep: Representation, *,
+                  on_loop: bool = False) -> BlobResponse | AccelResponse | None:
+    """The answer for this File from this node's disk, else its cloud copy; None when neither
+    has it now. `on_loop`: open on the event loop, for a file just served (its directory entries
+    are cached, so open() does not wait for the disk); else in a thread."""
+    state = request.app.state
+    plan = plan_response(request.method, request.headers, rep, request.query_params.get("inline") == "1")
+    state.access.touch(rep.id)
+    if rep.node == state.storage.node_id:
+        path = rep.local_path = rep.local_path or str(state.storage.blob_path(rep.blob_id))
+        accel = state.settings.accel_redirect
+        if accel and offloadable(request.method, request.headers, plan) and (
+                _exists(path) if on_loop else await anyio.to_thread.run_sync(_exists, path)):
+            return AccelResponse(plan, accel + blob_relpath(rep.blob_id).removeprefix("files/"))
+        fd = _open_blob(path) if on_loop else await anyio.to_thread.run_sync(_open_blob, path)
+        if fd is not None:
+            return BlobResponse(plan, LocalSource(fd, path), rep.size, rep.format)
+    if rep.cloud_state == "stored" and state.store is not None:
+        return BlobResponse(plan, CloudSource(state.store, cloud_key(rep.blob_id)), rep.size, rep.format)
+    return None
 
 
 Fetch = Callable[[AsyncConnection], Awaitable[Row[Any]]]
@@ -415,12 +486,16 @@ def owned_by_bearer(request: Request, lookup: dict[str, Any]) -> Fetch:
     query; 401 for an unknown token, 404 for a file that is not the caller's."""
     digest = token_hash(bearer_token(request))
     settings = request.app.state.settings
+    cache: LookupCache | None = request.app.state.cache
 
     async def fetch(conn: AsyncConnection) -> Row[Any]:
+        stamp = cache.stamp() if cache is not None else None
         found = await db.file_for_token(conn, digest, **lookup)
         if found is None:
             raise Unauthorized(UNKNOWN_TOKEN)
-        await accept_token(conn, digest, found.token_created_at, found.token_last_used_at, settings)
+        last_used = await accept_token(conn, digest, found.token_created_at, found.token_last_used_at, settings)
+        if cache is not None:
+            cache.keep_token(stamp, digest, found.token_user_id, found.token_created_at, last_used)
         if found.id is None:  # the token is valid; the file is not the caller's or does not exist
             raise NotFound("no such file")
         return found
@@ -428,28 +503,24 @@ def owned_by_bearer(request: Request, lookup: dict[str, Any]) -> Fetch:
     return fetch
 
 
-async def serve_file(request: Request, fetch: Fetch) -> BlobResponse | AccelResponse:
+async def serve_file(request: Request, fetch: Fetch, *, record: bool = False) -> BlobResponse | AccelResponse:
     """Answer GET/HEAD for the File `fetch` finds: from this node's disk (by nginx when it fronts
-    mediad), else the cloud copy."""
-    reader, storage, store = request.app.state.reader, request.app.state.storage, request.app.state.store
-    accel = request.app.state.settings.accel_redirect
+    mediad), else the cloud copy.
+    `record`: `fetch` found it as an audio record's File."""
+    reader, cache = request.app.state.reader, request.app.state.cache
+    node = request.app.state.storage.node_id
     for _ in range(3):
+        stamp = cache.stamp() if cache is not None else None
         async with reader.connect() as conn:
             row = await fetch(conn)
-        plan = plan_response(request.method, request.headers, row,
-                             request.query_params.get("inline") == "1")
-        request.app.state.access.touch(row.id)
-        if row.node == storage.node_id:
-            path = str(storage.blob_path(row.blob_id))
-            if (accel and offloadable(request.method, request.headers, plan)
-                    and await anyio.to_thread.run_sync(os.path.exists, path)):
-                return AccelResponse(plan, accel + blob_relpath(row.blob_id).removeprefix("files/"))
-            fd = await anyio.to_thread.run_sync(_open_blob, path)
-            if fd is not None:
-                return BlobResponse(plan, LocalSource(fd, path), row.size, row.format)
-        if row.cloud_state == "stored" and store is not None:
-            return BlobResponse(plan, CloudSource(store, cloud_key(row.blob_id)), row.size, row.format)
-        if row.node not in (None, storage.node_id):
+        known = cache.file(row.id) if cache is not None else None
+        rep = Representation.from_row(row, record or (known is not None and known.record))
+        if cache is not None:
+            cache.keep_file(stamp, rep)
+        response = await respond(request, rep)
+        if response is not None:
+            return response
+        if rep.node not in (None, node):
             raise ServiceUnavailable("the file is on another mediad node's disk and not in the cloud yet",
                                      retry_after=5)
         # Replaced, deleted or evicted between the lookup and the open: look again.
@@ -467,7 +538,7 @@ async def content(request: Request) -> BlobResponse | AccelResponse:
     return await serve_file(request, owned_by_bearer(request, {"file_id": file_id}))
 
 
-def _download_lookup(params: QueryParams) -> dict[str, Any]:
+def download_lookup(params: QueryParams) -> dict[str, Any]:
     if ("id" in params) == ("path" in params):
         raise Unprocessable("give exactly one of ?id= or ?path=")
     if "id" in params:
@@ -480,9 +551,8 @@ def _download_lookup(params: QueryParams) -> dict[str, Any]:
 
 async def download(request: Request) -> BlobResponse | AccelResponse:
     try:
-        lookup = _download_lookup(request.query_params)
+        lookup = download_lookup(request.query_params)
     except MediaError:
         await authenticate(request)  # a missing or unknown token is 401 first, as on every route
         raise
     return await serve_file(request, owned_by_bearer(request, lookup))
-

@@ -19,6 +19,9 @@ _request_ids = random.Random()  # seeded from os.urandom once
 _SAFE_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"color_message"}
+# One encoder for every line: json.dumps with options builds a new one per call (2 µs of the
+# access line's cost).
+_ENCODER = json.JSONEncoder(default=str, ensure_ascii=False)
 
 
 class JsonFormatter(logging.Formatter):
@@ -32,7 +35,7 @@ class JsonFormatter(logging.Formatter):
         entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD and k != "message"})
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str, ensure_ascii=False)
+        return _ENCODER.encode(entry)
 
 
 def setup_logging(level: str = "INFO", log_file: Path | None = None) -> None:
@@ -52,6 +55,19 @@ def setup_logging(level: str = "INFO", log_file: Path | None = None) -> None:
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+
+
+def log_access(method: str, path: str, status: int, bytes_in: int, bytes_out: int, duration: float,
+               request_id: str) -> None:
+    """The access line of one request. The record is made here rather than by Logger.info, which
+    walks the stack for the caller's file and line on every call (measured: a third of the line's
+    cost) for fields the JSON line does not carry."""
+    if not access_log.isEnabledFor(logging.INFO):
+        return
+    extra = {"method": method, "path": path, "status": status, "bytes_in": bytes_in,
+             "bytes_out": bytes_out, "duration_ms": round(duration * 1000, 2), "request_id": request_id}
+    access_log.handle(access_log.makeRecord(access_log.name, logging.INFO, "", 0, "%s %s %s",
+                                            (method, path, status or "-"), None, extra=extra))
 
 
 def request_id(scope: Scope) -> str:

@@ -162,74 +162,80 @@ class TelemetryMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        metrics = self.metrics
-        started = time.perf_counter()
-        request_id = logs.request_id(scope)
-        scope["mediad.request_id"] = request_id  # for log lines written while handling it
-        method = scope["method"] if scope["method"] in _METHODS else "other"
-        status = bytes_in = bytes_out = 0
-        upload: bool | None = None  # decided at the first read of the body, after routing
-        download = False
-        length = 0
-
-        async def observed_receive() -> Message:
-            nonlocal upload, bytes_in
-            if upload is None:
-                upload = _is_upload(method, route_template(scope))
-                if upload:
-                    metrics.uploads_in_flight.inc()
-            message = await receive()
-            body = message.get("body")
-            if body:
-                bytes_in += len(body)
-                if upload:
-                    metrics.uploaded.inc(len(body))
-            return message
-
-        async def observed_send(message: Message) -> None:
-            nonlocal status, download, length, bytes_out
-            kind = message["type"]
-            if kind == "http.response.start":
-                status = message["status"]
-                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
-                download = method == "GET" and route_template(scope) in _DOWNLOAD_ROUTES
-                if download:
-                    length = next((int(value) for name, value in message["headers"]
-                                   if name.lower() == b"content-length" and value.isdigit()), 0)
-            elif kind == "http.response.body":
-                sent = len(message.get("body", b""))
-                bytes_out += sent
-                if download and sent:
-                    metrics.downloaded.inc(sent)
-            elif kind == "http.response.pathsend":  # Granian sends the file itself
-                bytes_out += length
-                if download:
-                    metrics.downloaded.inc(length)
-            await send(message)
-
+        exchange = _Exchange(self.metrics, scope, receive, send)
         try:
-            await self.app(scope, observed_receive, observed_send)
+            await self.app(scope, exchange.receive, exchange.send)
         except BaseException:
-            status = status or 500  # ServerErrorMiddleware answers 500 outside us
+            exchange.status = exchange.status or 500  # ServerErrorMiddleware answers 500 outside us
             raise
         finally:
-            if upload:
-                metrics.uploads_in_flight.dec()
-            duration = time.perf_counter() - started
-            route = route_template(scope)
-            series = self._series.get((route, method, status))
-            if series is None:
-                series = self._series[route, method, status] = (
-                    metrics.requests.labels(route, method, str(status)),
-                    metrics.duration.labels(route, method))
-            series[0].inc()
-            series[1].observe(duration)
-            logs.access_log.info(
-                "%s %s %s", scope["method"], scope["path"], status or "-",
-                extra={"method": scope["method"], "path": scope["path"], "status": status,
-                       "bytes_in": bytes_in, "bytes_out": bytes_out,
-                       "duration_ms": round(duration * 1000, 2), "request_id": request_id},
-            )
+            self._record(exchange)
+
+    def _record(self, exchange: _Exchange) -> None:
+        if exchange.upload:
+            self.metrics.uploads_in_flight.dec()
+        duration = time.perf_counter() - exchange.started
+        scope, status = exchange.scope, exchange.status
+        key = (route_template(scope), exchange.method, status)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = (self.metrics.requests.labels(key[0], key[1], str(status)),
+                                          self.metrics.duration.labels(key[0], key[1]))
+        series[0].inc()
+        series[1].observe(duration)
+        logs.log_access(scope["method"], scope["path"], status, exchange.bytes_in, exchange.bytes_out,
+                        duration, exchange.request_id)
+
+
+class _Exchange:
+    """One request as the middleware sees it: its bound `receive` and `send` count what passes."""
+
+    __slots__ = ("metrics", "scope", "_receive", "_send", "started", "request_id", "method", "status",
+                 "bytes_in", "bytes_out", "upload", "download", "length")
+
+    def __init__(self, metrics: Metrics, scope: Scope, receive: Receive, send: Send) -> None:
+        self.metrics, self.scope, self._receive, self._send = metrics, scope, receive, send
+        self.started = time.perf_counter()
+        self.request_id = logs.request_id(scope)
+        scope["mediad.request_id"] = self.request_id  # for log lines written while handling it
+        self.method = scope["method"] if scope["method"] in _METHODS else "other"
+        self.status = self.bytes_in = self.bytes_out = self.length = 0
+        self.upload: bool | None = None  # decided at the first read of the body, after routing
+        self.download = False
+
+    async def receive(self) -> Message:
+        if self.upload is None:
+            self.upload = _is_upload(self.method, route_template(self.scope))
+            if self.upload:
+                self.metrics.uploads_in_flight.inc()
+        message = await self._receive()
+        body = message.get("body")
+        if body:
+            self.bytes_in += len(body)
+            if self.upload:
+                self.metrics.uploaded.inc(len(body))
+        return message
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.body":
+            sent = len(message.get("body", b""))
+            self.bytes_out += sent
+            if self.download and sent:
+                self.metrics.downloaded.inc(sent)
+        elif kind == "http.response.start":
+            self.status = message["status"]
+            headers = message["headers"] = [*message.get("headers", ()),
+                                            (b"x-request-id", self.request_id.encode())]
+            self.download = self.method == "GET" and route_template(self.scope) in _DOWNLOAD_ROUTES
+            if self.download:  # Granian may send the file itself (pathsend): count it from here
+                self.length = next((int(value) for name, value in headers
+                                    if name.lower() == b"content-length" and value.isdigit()), 0)
+        elif kind == "http.response.pathsend":
+            self.bytes_out += self.length
+            if self.download:
+                self.metrics.downloaded.inc(self.length)
+        await self._send(message)
 
 
 async def metrics_endpoint(request: Request) -> Response:

@@ -384,6 +384,10 @@ _ACCOUNTS: dict[str, Schema] = {
             description="An account with a password must send it: missing or wrong → 403, nothing deleted.",
             body=_body(_json(_ref("schemas", "AccountDeletion")), required=False), tag="users"),
     },
+    "/auth/token": {"delete": _op(
+        "Sign out: revoke the presented token",
+        {"204": _ok("Revoked: the token stops working on every node within 1 s."), **_errors(401, 503)},
+        tag="users")},
 }
 
 _FILE_BODY_LINKS = _file_links("$response.body#/id")

@@ -813,6 +813,7 @@ class Run:
     cloud: Cloud
     # Another `mediad serve --server <kind>` on the same data dir, database and user.
     start_server: Callable[[str], contextlib.AbstractContextManager[Server]]
+    database_url: str | None = None  # --database-url; None: mediad's embedded PostgreSQL
 
 
 def references(bench_dir: Path, buf: bytes, size: int, report: Report) -> Result:
@@ -962,6 +963,178 @@ def report_downloads(run: Run, loopback: Result, fileresponse: dict[str, Result]
     got = on_granian["ranges"]
     report.target(f"Granian {RANGE_SIZE // MiB} MiB range requests, {RANGE_CLIENTS} clients",
                   f"{got['per_s']:,.0f} /s", "≥ 1,000 /s", got["per_s"] >= 1000 and got["errors"] == 0)
+
+
+# ---- the cost of one range request ---------------------------------------------------------------
+# What a media player costs the server: many small ranges of one hot file with one token. Counted
+# as CPU time (utime + stime of the server's processes and of its PostgreSQL) per request, which
+# load on the shared machine moves much less than req/s, next to nginx sending the same file.
+
+SMALL_RANGE, RANGE_FILE, RANGE_SECONDS, RANGE_CONNECTIONS = 64 * 1024, 16 * MiB, 8, 16
+_NGINX_CONF = """worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  sendfile on;
+  tcp_nodelay on;
+  client_body_temp_path {dir}/tmp; proxy_temp_path {dir}/tmp; fastcgi_temp_path {dir}/tmp;
+  uwsgi_temp_path {dir}/tmp; scgi_temp_path {dir}/tmp;
+  server {{ listen 127.0.0.1:{port}; location = /health {{ return 200; }}
+           location = /file {{ alias {file}; default_type application/octet-stream; }} }}
+}}
+"""
+# Random 64 KiB-aligned ranges of the file, one per request (wrk's Lua runs in wrk, not the server).
+_WRK_SCRIPT = """local blocks = {blocks}
+request = function()
+  local start = math.random(0, blocks - 1) * {size}
+  wrk.headers["Range"] = "bytes=" .. start .. "-" .. (start + {size} - 1)
+  return wrk.format()
+end
+"""
+
+
+@contextlib.contextmanager
+def nginx_server(bench_dir: Path, path: Path) -> Iterator[Server | None]:
+    """Debian's nginx (nginx-light) on a loopback port serving `path` with sendfile, no auth;
+    None when nginx is not installed."""
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if nginx is None:
+        yield None
+        return
+    directory, port = bench_dir / "nginx", free_port()
+    (directory / "tmp").mkdir(parents=True, exist_ok=True)
+    conf = directory / "nginx.conf"
+    conf.write_text(_NGINX_CONF.format(dir=directory, port=port, file=path))
+    url = f"http://127.0.0.1:{port}"
+    with running([nginx, "-c", str(conf)], dict(os.environ), url + "/health", directory / "out.log",
+                 bench_dir) as proc:
+        yield Server(url, proc.pid)
+
+
+def _cpu_by_pid(pids: Iterable[int]) -> dict[int, float]:
+    found = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            found[pid] = cpu_seconds(pid)
+    return found
+
+
+def postgres_pids(run: Run) -> list[int]:
+    """The PostgreSQL processes serving mediad: the embedded postmaster's tree, or the backends
+    of an external server connected to mediad's database (the postmaster's own work excluded)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        postmaster = int((run.bench_dir / "data" / "pg" / "postmaster.pid").read_text().split()[0])
+        return [postmaster, *descendants(postmaster)]
+    if not run.database_url:
+        return []
+    name = run.database_url.rsplit("/", 1)[-1].split("?")[0].encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(b"postgres:") \
+                    and name in (entry / "cmdline").read_bytes().split():
+                pids.append(int(entry.name))
+    return pids
+
+
+def _client_load(server: Server, target: str, seconds: float, size: int) -> int:
+    """wrk when installed, else this script's raw client in RANGE_CONNECTIONS threads: random
+    SMALL_RANGE ranges for `seconds`; → the number of answers (every one must be a 206)."""
+    wrk = shutil.which("wrk")
+    url = server.base_url + target
+    if wrk:
+        script = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-ranges-{os.getpid()}.lua"
+        script.write_text(_WRK_SCRIPT.format(blocks=size // SMALL_RANGE, size=SMALL_RANGE))
+        auth = [arg for name, value in server.headers.items() for arg in ("-H", f"{name}: {value}")]
+        try:
+            out = subprocess.run([wrk, "-t2", f"-c{RANGE_CONNECTIONS}", f"-d{seconds:g}s", "-s", str(script),
+                                  *auth, url], capture_output=True, text=True, check=True).stdout
+        finally:
+            script.unlink(missing_ok=True)
+        if "Non-2xx" in out or "Socket errors" in out:
+            raise RuntimeError(f"wrk against {url} saw errors:\n{out}")
+        return int(out.split(" requests in ")[0].split()[-1])
+    deadline, counts, failures = time.monotonic() + seconds, [], []
+
+    def client(seed: int) -> None:
+        rng, conn, done = random.Random(seed), RawConnection(server.port, SMALL_RANGE), 0
+        try:
+            while time.monotonic() < deadline:
+                start = rng.randrange(size // SMALL_RANGE) * SMALL_RANGE
+                got = conn.get(target, {**server.headers, "Range": f"bytes={start}-{start + SMALL_RANGE - 1}"})
+                if got.status != 206 or got.length != SMALL_RANGE:
+                    failures.append(f"{got.status}, {got.length} bytes")
+                done += 1
+        finally:
+            conn.close()
+            counts.append(done)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(RANGE_CONNECTIONS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise RuntimeError(f"range requests to {url} failed: {failures[:3]}")
+    return sum(counts)
+
+
+def range_cost(server: Server, target: str, postgres: Callable[[], list[int]], size: int) -> Result:
+    """req/s and CPU µs per request of SMALL_RANGE range requests, after a 1 s warm-up (caches,
+    pooled connections). Processes started meanwhile (PostgreSQL backends) count from zero."""
+    _client_load(server, target, 1, size)
+
+    def cpu() -> tuple[dict[int, float], dict[int, float]]:
+        mine = _cpu_by_pid([server.pid, *descendants(server.pid)])
+        return mine, _cpu_by_pid(pid for pid in postgres() if pid not in mine)
+
+    (server_before, pg_before), started = cpu(), time.perf_counter()
+    done = _client_load(server, target, RANGE_SECONDS, size)
+    seconds = time.perf_counter() - started
+    server_after, pg_after = cpu()
+    server_cpu = sum(t - server_before.get(pid, 0.0) for pid, t in server_after.items())
+    pg_cpu = sum(t - pg_before.get(pid, 0.0) for pid, t in pg_after.items())
+    return {"per_s": done / seconds, "server_us": 1e6 * server_cpu / done, "postgres_us": 1e6 * pg_cpu / done,
+            "total_us": 1e6 * (server_cpu + pg_cpu) / done}
+
+
+async def section_ranges(run: Run) -> None:
+    """CPU per authenticated 64 KiB range request of a hot file: mediad on uvicorn and on Granian,
+    nginx (sendfile, no auth) on the same file, in the same run."""
+    path = run.bench_dir / "ranges.bin"
+    await asyncio.to_thread(path.write_bytes, run.buf * (RANGE_FILE // len(run.buf)))
+    async with httpx.AsyncClient(base_url=run.server.base_url, timeout=TIMEOUT) as client:
+        stored = await upload(run.server, client, "PUT", "/files?path=/bench/ranges.bin", run.buf, RANGE_FILE)
+    target = f"/files/{stored['id']}/content"
+    results: dict[str, Result] = {}
+    with nginx_server(run.bench_dir, path) as nginx:
+        if nginx is not None:
+            results["nginx (sendfile, no auth)"] = await asyncio.to_thread(range_cost, nginx, "/file", list,
+                                                                         RANGE_FILE)
+    postgres = functools.partial(postgres_pids, run)
+    results["mediad on uvicorn"] = await asyncio.to_thread(range_cost, run.server, target, postgres, RANGE_FILE)
+    with run.start_server("granian") as granian:
+        results["mediad on Granian"] = await asyncio.to_thread(range_cost, granian, target, postgres, RANGE_FILE)
+    report_ranges(run.report, results, bool(shutil.which("wrk")))
+
+
+def report_ranges(report: Report, results: dict[str, Result], wrk: bool) -> None:
+    client = f"{'wrk' if wrk else 'raw client'}, {RANGE_CONNECTIONS} connections, {RANGE_SECONDS} s"
+    for label, got in results.items():
+        report.note(f"{label}: random {SMALL_RANGE // 1024} KiB ranges of a {RANGE_FILE // MiB} MiB file ({client})",
+                    f"{got['per_s']:,.0f} req/s; CPU per request {got['total_us']:,.0f} µs "
+                    f"(server {got['server_us']:,.0f} + PostgreSQL {got['postgres_us']:,.0f})")
+    nginx = results.get("nginx (sendfile, no auth)")
+    best = min(got["total_us"] for label, got in results.items() if label.startswith("mediad"))
+    if nginx is None:
+        report.note("nginx reference", "not installed (apt-get install nginx-light): no target")
+        return
+    report.target(f"mediad CPU per {SMALL_RANGE // 1024} KiB range request (best server) ≤ 8× nginx's",
+                  f"{best:,.0f} µs ({best / nginx['total_us']:.1f}×)", f"≤ {8 * nginx['total_us']:,.0f} µs",
+                  best <= 8 * nginx["total_us"])
 
 
 # ---- cloud --------------------------------------------------------------------------------------
@@ -1245,6 +1418,7 @@ async def section_tus(run: Run) -> None:
 SECTIONS: dict[str, Callable[[Run], Awaitable[None]]] = {
     "uploads": section_uploads,
     "downloads": section_downloads,
+    "ranges": section_ranges,
     "cloud": section_cloud,
     "audio": section_audio,
     "tus": section_tus,
@@ -1305,7 +1479,7 @@ def main(argv: list[str] | None = None) -> int:
             launch = functools.partial(mediad_server, bench_dir, args.database_url, extra_env, cloud)
             server = stack.enter_context(launch())
             run = Run(server, refs, buf, size, report, bench_dir, cloud,
-                      lambda kind: launch(kind, shared_with=server))
+                      lambda kind: launch(kind, shared_with=server), args.database_url)
             run_async(run_sections(args.only or list(SECTIONS), run))
         report.figure("load average at the end", os.getloadavg()[0], "", 2)
         failed = False
