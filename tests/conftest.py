@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
 import signal
 import socket
@@ -390,3 +391,102 @@ async def wait_for(check: Callable[[], Awaitable[bool]], timeout: float = 20, wh
         await asyncio.sleep(0.05)
 
 
+
+
+# ---- a webhook receiver -------------------------------------------------------------------------
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    verified: bool  # the signature checked out with standardwebhooks and the endpoint's secret
+    at: float  # time.monotonic() of arrival
+
+    @property
+    def event(self) -> dict[str, Any]:
+        return json.loads(self.body)
+
+
+class Receiver:
+    """A subscriber's endpoint: a Starlette app under uvicorn on a fixed loopback port, so it can
+    go down and come back at the same URL. It verifies every request with the standardwebhooks
+    package and answers as told: `status`, after `delay_s`, or with a body of `huge_bytes`."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.secrets: dict[str, str] = {}  # path → the whsec_ secret of the endpoint registered there
+        self.received: list[Received] = []
+        self.status = 204
+        self.delay_s = 0.0
+        self.huge_bytes = 0
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def url(self, path: str = "/hook") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def events(self, path: str | None = None) -> list[dict[str, Any]]:
+        return [r.event for r in self.received if path is None or r.path == path]
+
+    async def _handle(self, request: Any) -> Any:
+        from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+        from starlette.responses import Response, StreamingResponse
+
+        body = await request.body()
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        secret = self.secrets.get(request.url.path)
+        verified = False
+        if secret is not None:
+            try:
+                Webhook(secret).verify(body, headers)
+                verified = True
+            except WebhookVerificationError:
+                verified = False
+        self.received.append(Received(request.url.path, headers, body, verified, time.monotonic()))
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if self.huge_bytes:
+            async def chunks() -> AsyncIterator[bytes]:
+                block = b"x" * (1 << 20)
+                for _ in range(self.huge_bytes >> 20):
+                    yield block
+            return StreamingResponse(chunks(), status_code=self.status)
+        return Response(status_code=self.status)
+
+    def _app(self) -> Any:
+        from starlette.applications import Starlette
+        from starlette.routing import Route
+
+        return Starlette(routes=[Route("/{path:path}", self._handle, methods=["POST"])])
+
+    def start(self) -> Receiver:
+        config = uvicorn.Config(self._app(), host="127.0.0.1", port=self.port, log_config=None, lifespan="off",
+                                timeout_graceful_shutdown=1)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, name="webhook-receiver", daemon=True)
+        self._thread.start()
+        for _ in range(1000):
+            if self._server.started or not self._thread.is_alive():
+                break
+            threading.Event().wait(0.01)
+        if not self._server.started:
+            raise RuntimeError("the webhook receiver did not start")
+        return self
+
+    def stop(self) -> None:
+        """Down: connections are refused from now on."""
+        if self._server is not None and self._thread is not None:
+            self._server.should_exit = True
+            self._server.force_exit = True
+            self._thread.join(15)
+        self._server = self._thread = None
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    running = Receiver(free_port()).start()
+    try:
+        yield running
+    finally:
+        running.stop()
