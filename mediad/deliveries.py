@@ -25,7 +25,8 @@ import httpx
 from anyio.abc import TaskGroup
 import sqlalchemy as sa
 from sqlalchemy.engine import Row
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
 
 from . import __version__, webhooks
 from .cloud import retry_delay
@@ -220,22 +221,26 @@ class Deliverer:
     # ---- wake-ups and housekeeping ----------------------------------------------------------
 
     async def _listen(self) -> None:
-        """LISTEN on a connection of its own; when it drops, poll until it is back."""
-        while True:
-            try:
-                async with self.engine.connect() as conn:
-                    raw = (await conn.get_raw_connection()).driver_connection
-                    lost = asyncio.Event()
-                    await raw.add_listener(webhooks.CHANNEL, lambda *_: self._wake.set())
-                    raw.add_termination_listener(lambda _: lost.set())
-                    self._wake.set()  # whatever was emitted while nobody listened
-                    try:
+        """LISTEN on a connection of its own, outside the request pool (a pooled one would be
+        held forever, and recycling it would silently stop the listening); when it drops, poll
+        until it is back."""
+        listener = create_async_engine(self.engine.url, poolclass=NullPool, connect_args={"timeout": 5})
+        try:
+            while True:
+                try:
+                    async with listener.connect() as conn:
+                        raw = (await conn.get_raw_connection()).driver_connection
+                        lost = asyncio.Event()
+                        await raw.add_listener(webhooks.CHANNEL, lambda *_: self._wake.set())
+                        raw.add_termination_listener(lambda _: lost.set())
+                        self._wake.set()  # whatever was emitted while nobody listened
                         await lost.wait()
-                    finally:
-                        await conn.invalidate()  # never hand a listening connection back to the pool
-            except Exception as exc:
-                log.warning("webhook listener: %s", exc.__class__.__name__, extra={"error": str(exc)[:300]})
-            await anyio.sleep(self.settings.webhook_poll_s)
+                except Exception as exc:
+                    log.warning("webhook listener: %s", exc.__class__.__name__, extra={"error": str(exc)[:300]})
+                await anyio.sleep(self.settings.webhook_poll_s)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await listener.dispose()
 
     async def _prune(self) -> None:
         while True:

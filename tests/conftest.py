@@ -411,15 +411,16 @@ class Received:
 class Receiver:
     """A subscriber's endpoint: a Starlette app under uvicorn on a fixed loopback port, so it can
     go down and come back at the same URL. It verifies every request with the standardwebhooks
-    package and answers as told: `status`, after `delay_s`, or with a body of `huge_bytes`."""
+    package and answers as told, per path: with `status` (default 204), after `delay_s`, with a
+    body of `huge_bytes`."""
 
     def __init__(self, port: int) -> None:
         self.port = port
         self.secrets: dict[str, str] = {}  # path → the whsec_ secret of the endpoint registered there
         self.received: list[Received] = []
-        self.status = 204
-        self.delay_s = 0.0
-        self.huge_bytes = 0
+        self.status: dict[str, int] = {}
+        self.delay_s: dict[str, float] = {}
+        self.huge_bytes: dict[str, int] = {}
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -443,16 +444,17 @@ class Receiver:
                 verified = True
             except WebhookVerificationError:
                 verified = False
-        self.received.append(Received(request.url.path, headers, body, verified, time.monotonic()))
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s)
-        if self.huge_bytes:
+        path = request.url.path
+        self.received.append(Received(path, headers, body, verified, time.monotonic()))
+        status, huge = self.status.get(path, 204), self.huge_bytes.get(path, 0)
+        await asyncio.sleep(self.delay_s.get(path, 0.0))
+        if huge:
             async def chunks() -> AsyncIterator[bytes]:
                 block = b"x" * (1 << 20)
-                for _ in range(self.huge_bytes >> 20):
+                for _ in range(huge >> 20):
                     yield block
-            return StreamingResponse(chunks(), status_code=self.status)
-        return Response(status_code=self.status)
+            return StreamingResponse(chunks(), status_code=status)
+        return Response(status_code=status)
 
     def _app(self) -> Any:
         from starlette.applications import Starlette

@@ -213,10 +213,10 @@ async def test_a_failing_endpoint_is_retried_with_the_same_webhook_id_until_it_a
         assert [(d["event"], d["status"], d["attempts"], d["last_status_code"]) for d in listed] == [
             ("file.created", "retrying", 1, None)]
         assert listed[0]["last_error"] and listed[0]["delivered_at"] is None
-        receiver.status = 500
+        receiver.status["/hook"] = 500
         receiver.start()  # up again at the same address, failing
         await arrived(receiver, 1, "a retry within 5 s", timeout=10)
-        receiver.status = 200
+        receiver.status["/hook"] = 200
         await arrived(receiver, 2, "the next retry", timeout=15)
         await wait_for(lambda: _status_is(hook_db, "delivered"), 5, "delivered")
         listed = (await http.get(f"/webhooks/{endpoint['id']}/deliveries", headers=user.auth)).json()["deliveries"]
@@ -236,7 +236,7 @@ async def _status_is(database_url: str, status: str) -> bool:
 
 async def test_an_endpoint_answering_500_forever_fails_after_the_retry_window(
         hook_db: str, tmp_path: Path, receiver: Receiver) -> None:
-    receiver.status = 500
+    receiver.status["/hook"] = 500
     async with hooked(tmp_path, hook_db, webhook_retry_s=4) as (server, http, _):
         user = await make_user(http)
         endpoint = await register(http, user, receiver)
