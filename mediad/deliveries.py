@@ -22,8 +22,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import httpx
-from anyio.abc import TaskGroup
 import sqlalchemy as sa
+from anyio.abc import TaskGroup
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
@@ -230,9 +230,10 @@ class Deliverer:
                 try:
                     async with listener.connect() as conn:
                         raw = (await conn.get_raw_connection()).driver_connection
+                        assert raw is not None
                         lost = asyncio.Event()
                         await raw.add_listener(webhooks.CHANNEL, lambda *_: self._wake.set())
-                        raw.add_termination_listener(lambda _: lost.set())
+                        raw.add_termination_listener(lambda _, lost=lost: lost.set())
                         self._wake.set()  # whatever was emitted while nobody listened
                         await lost.wait()
                 except Exception as exc:

@@ -129,8 +129,9 @@ async def test_every_event_type_arrives_signed_with_the_file_as_it_is_after_the_
         assert replaced["id"] == created["id"]
         record = await http.post("/records", headers=user.auth, files={"file": ("memo.wav", io.BytesIO(_wav()))})
         assert record.status_code == 201, record.text
-        tus = await http.post("/uploads", headers={**user.auth, "Tus-Resumable": "1.0.0", "Upload-Length": "10",
-                                                   "Upload-Metadata": "filename " + base64.b64encode(b"t.bin").decode()})
+        tus = await http.post("/uploads", headers={
+            **user.auth, "Tus-Resumable": "1.0.0", "Upload-Length": "10",
+            "Upload-Metadata": "filename " + base64.b64encode(b"t.bin").decode()})
         assert tus.status_code == 201, tus.text
         await upload(http, quiet, b"nobody listens")  # a user without endpoints: no outbox row
 
@@ -331,7 +332,7 @@ def test_signature_matches_the_standard_webhooks_reference() -> None:
 
     from mediad.webhooks import new_secret, signature
 
-    secret, body, when = new_secret(), '{"type":"file.created"}'.encode(), datetime.now(UTC)
+    secret, body, when = new_secret(), b'{"type":"file.created"}', datetime.now(UTC)
     message_id = str(uuid.uuid4())
     expected = Webhook(secret).sign(message_id, when, body.decode())
     assert signature(secret, message_id, int(when.timestamp()), body) == expected

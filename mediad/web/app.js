@@ -5,6 +5,7 @@ import { closePreview, loadMore, refreshFiles, renderFiles, resetFiles, schedule
 import { canRecord, startRecording } from "./recorder.js";
 import { $, clearError, h, humanSize, showError, shownName } from "./ui.js";
 import { clearFinished, resetUploads, setUpDropzone, showRemembered, uploadsRunning } from "./uploads.js";
+import { refreshWebhooks, resetWebhooks, setUpWebhooks } from "./webhooks.js";
 
 // ---- signing in --------------------------------------------------------------------------------
 
@@ -36,6 +37,7 @@ function signOut(message) {
   resetUploads();
   session.clear();
   resetFiles();
+  resetWebhooks();
   $("records").replaceChildren();
   $("workspace").hidden = true;
   $("account").hidden = true;
@@ -51,6 +53,7 @@ function enterWorkspace() {
   $("whoami").textContent = session.user;
   showRemembered();
   refreshFiles();
+  refreshWebhooks();
 }
 
 // ---- records -----------------------------------------------------------------------------------
@@ -131,6 +134,7 @@ function start() {
     if (file) await sendRecord(file, file.name);
   });
   setUpDropzone();
+  setUpWebhooks();
   window.addEventListener("mediad:unauthorized", () => signOut("Your session is no longer valid; sign in again."));
   window.addEventListener("beforeunload", (event) => {
     if (uploadsRunning()) event.preventDefault(); // they could resume, but ask
