@@ -65,7 +65,7 @@ class Settings:
     # allowed (tests, trusted networks); a delivery is retried for webhook_retry_s, then failed.
     webhook_allow_private: bool = False
     webhook_retry_s: float = 86400.0
-    webhook_concurrency: int = 16  # attempts in flight per process, all endpoints together
+    webhook_concurrency: int = 32  # attempts in flight per process, all endpoints together (8 per endpoint)
     webhook_poll_s: float = 2.0  # the fallback when no LISTEN/NOTIFY wake-up arrives
     db_pool_size: int = 20
     db_pool_timeout_s: float = 5.0

@@ -37,11 +37,12 @@ log = logging.getLogger("mediad.webhooks")
 
 TIMEOUT_S = 10.0  # any 2xx within this is a success (the contract)
 MAX_RESPONSE_BYTES = 64 * 1024  # of an error answer, read for last_error; the rest is never read
-_PER_ENDPOINT = 4
+_PER_ENDPOINT = 8
 _LEASE_S = 3 * TIMEOUT_S  # an attempt is bounded by TIMEOUT_S, so a live worker's claim never lapses
 _RETRY_BASE_S = 5.0  # first retry within 5 s (2.5–5 s with jitter), then doubling...
 _RETRY_CAP_S = 600.0  # ...to at most 10 minutes between attempts
 _BATCH = 2000  # due rows looked at per claim
+_COALESCE_S = 0.005
 _KEEP_S = 7 * 86400  # finished deliveries stay visible in GET /webhooks/{id}/deliveries this long
 _PRUNE_EVERY_S = 600.0
 
@@ -87,22 +88,29 @@ class Deliverer:
     def __init__(self, engine: AsyncEngine, http: httpx.AsyncClient, settings: Settings, server_key: bytes,
                  metrics: Any) -> None:
         self.engine = engine
+        # Every statement here is a single one: no BEGIN/COMMIT round trips around it.
+        self.db = engine.execution_options(isolation_level="AUTOCOMMIT")
         self.http = http
         self.settings = settings
         self.key = webhooks.secrets_key(server_key)
         self.metrics = metrics
         self._wake = asyncio.Event()
+        self._more_due = False  # the last claim found work: a freed slot should look for more
         self._in_flight: collections.Counter[uuid.UUID] = collections.Counter()
 
     @staticmethod
     def client(settings: Settings) -> httpx.AsyncClient:
-        """The HTTP client for deliveries. No keep-alive: requests go to a checked IP address with
-        the URL's host as Host and TLS SNI, and a pooled connection must never carry one host's
-        request over a connection made for another host at the same address. No proxies from the
+        """The HTTP client for deliveries. Requests go to a checked IP address with the URL's host
+        as Host (and TLS server name), so connections are pooled per address: fine for http://,
+        where Host picks the site per request, but an https:// connection is bound to the name
+        it was opened for, so those are never kept for another request. No proxies from the
         environment: a proxy would connect to an address nobody checked."""
+        size = settings.webhook_concurrency
         return httpx.AsyncClient(
-            follow_redirects=False, trust_env=False, timeout=httpx.Timeout(TIMEOUT_S),
-            limits=httpx.Limits(max_connections=settings.webhook_concurrency, max_keepalive_connections=0))
+            follow_redirects=False, trust_env=False, timeout=httpx.Timeout(TIMEOUT_S), mounts={
+                "http://": httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=size)),
+                "https://": httpx.AsyncHTTPTransport(limits=httpx.Limits(
+                    max_connections=size, max_keepalive_connections=0))})
 
     def wake(self) -> None:
         self._wake.set()
@@ -125,6 +133,7 @@ class Deliverer:
                     claimed = await self._claim(free)
                 except Exception as exc:  # the database may be down; the next wake-up tries again
                     log.warning("webhook claim failed: %s", exc.__class__.__name__, extra={"error": str(exc)[:300]})
+            self._more_due = bool(claimed)
             for row in claimed:
                 self._in_flight[row.endpoint_id] += 1
                 group.start_soon(self._deliver, row)
@@ -132,10 +141,13 @@ class Deliverer:
                 continue  # there may be more due right now
             with anyio.move_on_after(self.settings.webhook_poll_s):
                 await self._wake.wait()
+            # Wake-ups come in bursts (a NOTIFY per commit, a freed slot per attempt): one claim
+            # serves a burst.
+            await anyio.sleep(_COALESCE_S)
 
     async def _claim(self, limit: int) -> list[Row[Any]]:
         busy = {endpoint: n for endpoint, n in self._in_flight.items() if n > 0}
-        async with self.engine.begin() as conn:
+        async with self.db.connect() as conn:
             result = await conn.execute(_CLAIM, {
                 "lease": _LEASE_S, "batch": _BATCH, "per_endpoint": _PER_ENDPOINT, "limit": limit,
                 "busy_ids": list(busy), "busy_counts": list(busy.values())})
@@ -150,17 +162,18 @@ class Deliverer:
         except BaseException:
             # Shutting down (or a bug): hand the claim back now rather than when the lease lapses.
             with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-                async with self.engine.begin() as conn:
+                async with self.db.connect() as conn:
                     await conn.execute(_RELEASE, {"id": row.id})
             raise
         finally:
             self._in_flight[row.endpoint_id] -= 1
             if self._in_flight[row.endpoint_id] <= 0:
                 del self._in_flight[row.endpoint_id]
-            self._wake.set()  # a slot is free
+            if self._more_due:
+                self._wake.set()  # a slot is free for what the last claim may have left
 
     async def _record(self, row: Row[Any], code: int | None, error: str | None) -> None:
-        async with self.engine.begin() as conn:
+        async with self.db.connect() as conn:
             if error is None:
                 await conn.execute(_DELIVERED, {"id": row.id, "code": code})
                 self.metrics.webhook_deliveries.labels("delivered").inc()

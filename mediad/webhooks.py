@@ -135,6 +135,16 @@ async def resolve(url: SplitResult, allow_private: bool) -> list[IPAddress]:
     assert url.hostname is not None
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
+        literal: IPAddress | None = ipaddress.ip_address(url.hostname)
+    except ValueError:
+        literal = None
+    if literal is not None:  # nothing to look up
+        why = refused(literal, allow_private)
+        if why is not None:
+            raise Unprocessable(f"the URL's host is {literal}, {why}; webhooks are not sent there "
+                                "(MEDIAD_WEBHOOK_ALLOW_PRIVATE=true allows private addresses)")
+        return [literal]
+    try:
         with anyio.fail_after(_RESOLVE_TIMEOUT_S):
             found = await anyio.getaddrinfo(url.hostname, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError, TimeoutError) as exc:
