@@ -156,11 +156,15 @@ class Deliverer:
     # ---- one attempt ------------------------------------------------------------------------
 
     async def _deliver(self, row: Row[Any]) -> None:
+        """One attempt and its outcome. Never raises (but for cancellation): a task that did
+        would end the whole worker. What it could not record is retried once the lease lapses."""
         try:
             code, error = await self.attempt(row)
             await self._record(row, code, error)
+        except Exception as exc:  # the database went away mid-way, most likely
+            log.warning("webhook delivery %s: %s", row.id, exc.__class__.__name__, extra={"error": str(exc)[:300]})
         except BaseException:
-            # Shutting down (or a bug): hand the claim back now rather than when the lease lapses.
+            # Shutting down: hand the claim back now rather than when the lease lapses.
             with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                 async with self.db.connect() as conn:
                     await conn.execute(_RELEASE, {"id": row.id})
@@ -182,7 +186,9 @@ class Deliverer:
             delay = retry_delay(row.attempts, _RETRY_BASE_S, _RETRY_CAP_S)
             outcome = (await conn.execute(_FAILED, {
                 "id": row.id, "code": code, "error": error[:1000], "delay": delay,
-                "window": self.settings.webhook_retry_s})).one()
+                "window": self.settings.webhook_retry_s})).first()
+        if outcome is None:
+            return  # the endpoint was removed meanwhile, and its deliveries with it
         if outcome.status == "failed":
             self.metrics.webhook_deliveries.labels("failed").inc()
             log.warning("webhook delivery %s failed for good: %s", row.id, error)

@@ -336,3 +336,22 @@ def test_signature_matches_the_standard_webhooks_reference() -> None:
     message_id = str(uuid.uuid4())
     expected = Webhook(secret).sign(message_id, when, body.decode())
     assert signature(secret, message_id, int(when.timestamp()), body) == expected
+
+
+async def test_removing_an_endpoint_mid_attempt_leaves_the_worker_delivering(hook_db: str, tmp_path: Path,
+                                                                             receiver: Receiver) -> None:
+    receiver.delay_s["/gone"], receiver.status["/gone"] = 1.5, 500
+    async with hooked(tmp_path, hook_db) as (server, http, _):
+        user = await make_user(http)
+        gone = await register(http, user, receiver, "/gone")
+        await upload(http, user, b"one")
+        await arrived(receiver, 1, "the attempt that will outlive its endpoint")
+        assert (await http.delete(f"/webhooks/{gone['id']}", headers=user.auth)).status_code == 204
+        await asyncio.sleep(2)  # its answer (500) comes back for a row that is gone
+        await register(http, user, receiver, "/after")
+        later = await upload(http, user, b"two")
+        await arrived(receiver, 2, "an event to the new endpoint")
+    assert [r.path for r in receiver.received] == ["/gone", "/after"]
+    assert receiver.received[1].event["data"]["file"] == later
+    rows = await _sql(hook_db, "SELECT status FROM webhook_deliveries")
+    assert [r["status"] for r in rows] == ["delivered"]
