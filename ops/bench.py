@@ -1350,7 +1350,8 @@ async def section_webhooks(run: Run) -> None:
     report.figure(f"{label}: an endpoint (all events)", hooked["rate"], "uploads/s")
     report.figure("mediad CPU per upload, no endpoint", plain["cpu_ms"], "ms", 2)
     report.figure("mediad CPU per upload, an endpoint", hooked["cpu_ms"], "ms", 2)
-    report.note("events received (file.created, file.stored)", f"{events}, {len(arrived)} of {len(acked)} created")
+    report.note("events received by the end (file.stored trails replication)",
+                f"{events}; file.created: {len(arrived)} of {len(acked)}")
     for pct in (50, 99):
         report.figure(f"201 → receiver, p{pct}", percentile(latencies, pct) if latencies else float("nan"), "ms", 1)
     report.figure("201 → receiver, max", latencies[-1] if latencies else float("nan"), "ms", 1)
