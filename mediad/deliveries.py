@@ -207,7 +207,7 @@ class Deliverer:
         try:
             with anyio.fail_after(TIMEOUT_S):
                 addresses = await webhooks.resolve(url, self.settings.webhook_allow_private)
-                response = await self.http.send(self._request(row, secret, url, addresses[0]), stream=True)
+                response = await self._send(row, secret, url, addresses)
         except Unprocessable as exc:
             return None, exc.detail
         except TimeoutError:
@@ -222,6 +222,17 @@ class Deliverer:
                 f": {text[:200]}" if text else "")
         finally:
             await response.aclose()  # unread bytes are dropped with the connection
+
+    async def _send(self, row: Row[Any], secret: str, url: Any, addresses: list[webhooks.IPAddress]
+                    ) -> httpx.Response:
+        """To the first checked address that takes the connection (a host may have an IPv6 and an
+        IPv4 address, and listen on one only)."""
+        for address in addresses[:-1]:
+            try:
+                return await self.http.send(self._request(row, secret, url, address), stream=True)
+            except httpx.ConnectError:
+                continue
+        return await self.http.send(self._request(row, secret, url, addresses[-1]), stream=True)
 
     def _request(self, row: Row[Any], secret: str, url: Any, address: webhooks.IPAddress) -> httpx.Request:
         """The request to the checked `address` (never a second DNS lookup), with the URL's host as

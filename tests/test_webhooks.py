@@ -355,3 +355,20 @@ async def test_removing_an_endpoint_mid_attempt_leaves_the_worker_delivering(hoo
     assert receiver.received[1].event["data"]["file"] == later
     rows = await _sql(hook_db, "SELECT status FROM webhook_deliveries")
     assert [r["status"] for r in rows] == ["delivered"]
+
+
+async def test_a_named_host_is_called_at_its_checked_address_with_its_name_as_host(
+        hook_db: str, tmp_path: Path, receiver: Receiver) -> None:
+    """mediad connects to the address it resolved and checked, not to the name again; the request
+    still names the host the user registered."""
+    async with hooked(tmp_path, hook_db) as (server, http, _):
+        user = await make_user(http)
+        response = await http.post("/webhooks", headers=user.auth,
+                                    json={"url": f"http://localhost:{receiver.port}/hook"})
+        assert response.status_code == 201, response.text
+        receiver.secrets["/hook"] = response.json()["secret"]
+        file = await upload(http, user, b"to localhost")
+        await arrived(receiver, 1, "the event over whichever address answers")
+    [got] = receiver.received
+    assert got.verified and got.event["data"]["file"] == file
+    assert got.headers["host"] == f"localhost:{receiver.port}"
