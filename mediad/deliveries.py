@@ -95,7 +95,7 @@ class Deliverer:
         self.key = webhooks.secrets_key(server_key)
         self.metrics = metrics
         self._wake = asyncio.Event()
-        self._more_due = False  # the last claim found work: a freed slot should look for more
+        self._more_due = False  # a freed slot should claim again (see _dispatch)
         self._in_flight: collections.Counter[uuid.UUID] = collections.Counter()
 
     @staticmethod
@@ -133,7 +133,9 @@ class Deliverer:
                     claimed = await self._claim(free)
                 except Exception as exc:  # the database may be down; the next wake-up tries again
                     log.warning("webhook claim failed: %s", exc.__class__.__name__, extra={"error": str(exc)[:300]})
-            self._more_due = bool(claimed)
+            # A freed slot should look again if this claim found work, or if an endpoint at its
+            # cap may have left due rows behind.
+            self._more_due = bool(claimed) or any(n >= _PER_ENDPOINT for n in self._in_flight.values())
             for row in claimed:
                 self._in_flight[row.endpoint_id] += 1
                 group.start_soon(self._deliver, row)
