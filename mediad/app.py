@@ -24,13 +24,14 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
-from . import accounts, audio, auth, downloads, fastpath, files, links, openapi, tus, uploads
+from . import accounts, audio, auth, downloads, fastpath, files, links, openapi, tus, uploads, webhooks
 from .cache import LookupCache, listener_dsn
 from .cleanup import AccessTracker, cleanup_loop, recover
 from .cloud import CloudError, ObjectStore, Replicator
 from .config import Settings
 from .conventions import Conventions, allowed_methods, cors
 from .db import create_engine
+from .deliveries import Deliverer
 from .errors import DATABASE_UNAVAILABLE, MediaError, database_unavailable, error_response, problem
 from .metrics import Metrics, TelemetryMiddleware, metrics_endpoint
 from .storage import Storage
@@ -91,6 +92,7 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
                 app.state.replicator = Replicator(engine, storage, app.state.store, settings)
                 replication = asyncio.create_task(app.state.replicator.run(), name="replication")
                 stack.push_async_callback(_stop, replication)
+            app.state.deliverer = await _start_deliveries(stack, engine, settings, app.state.link_key, metrics)
             if settings.cleanup_interval_s > 0:
                 loop = asyncio.create_task(
                     cleanup_loop(engine, storage, settings, app.state.access, app.state), name="cleanup")
@@ -129,6 +131,10 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
         Route("/uploads/{upload_id}", tus.patch, methods=["PATCH"]),
         Route("/uploads/{upload_id}", tus.terminate, methods=["DELETE"]),
         Route("/record", audio.get_record, methods=["GET", "HEAD"]),
+        Route("/webhooks", webhooks.create, methods=["POST"]),
+        Route("/webhooks", webhooks.list_, methods=["GET"]),
+        Route("/webhooks/{webhook_id}", webhooks.delete, methods=["DELETE"]),
+        Route("/webhooks/{webhook_id}/deliveries", webhooks.deliveries, methods=["GET"]),
         Route("/", web_index),
         Mount("/web", app=WebFiles(packages=[("mediad", "web")]), name="web"),
     ]
@@ -146,6 +152,15 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
     )
     app.router.redirect_slashes = False  # Conventions serves /files/ as /files instead of a 307
     return app
+
+
+async def _start_deliveries(stack: contextlib.AsyncExitStack, engine: AsyncEngine, settings: Settings,
+                            link_key: bytes, metrics: Metrics) -> Deliverer:
+    """The webhook worker and its own HTTP client (no redirects, no keep-alive, no env proxies)."""
+    http = await stack.enter_async_context(Deliverer.client(settings))
+    deliverer = Deliverer(engine, http, settings, link_key, metrics)
+    stack.push_async_callback(_stop, asyncio.create_task(deliverer.run(), name="webhooks"))
+    return deliverer
 
 
 async def _flush_quietly(tracker: AccessTracker, engine: AsyncEngine) -> None:

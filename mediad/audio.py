@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from . import db
+from . import db, webhooks
 from .auth import authenticate, user_for_token
 from .config import Settings
 from .downloads import serve_file
@@ -237,6 +237,7 @@ async def post_records(request: Request) -> JSONResponse:
 
         async def record(conn: AsyncConnection, row: Row[Any]) -> None:
             await db.insert_record(conn, row.id, round(info.duration_s * 1000))
+            await webhooks.emit_file(conn, "record.created", row, state.storage.node_id)
 
         row, _ = await commit_upload(state, owner, blob, name=_record_name(filename), path=None, also=record)
     finally:

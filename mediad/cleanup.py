@@ -23,7 +23,7 @@ import anyio
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from . import db
+from . import db, webhooks
 from .config import Settings
 from .storage import Storage
 from .tus import release_locks, sweep_uploads
@@ -224,6 +224,7 @@ async def _evict(engine: AsyncEngine, storage: Storage, row: Any, report: Report
     async with engine.begin() as conn:
         if not await db.mark_evicted(conn, row.id, row.blob_id, storage.node_id):
             return False  # replaced, deleted or no longer stored meanwhile
+        await webhooks.emit_file_by_id(conn, "file.evicted", row.id, row.blob_id, storage.node_id)
     await anyio.to_thread.run_sync(storage.remove_blob, row.blob_id)
     report.evicted_files += 1
     report.evicted_bytes += row.size

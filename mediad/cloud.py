@@ -23,7 +23,7 @@ import anyio
 import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from . import db
+from . import db, webhooks
 from .config import Settings
 from .storage import Storage
 
@@ -236,6 +236,7 @@ class Replicator:
                 # Replaced or deleted while we pushed: the object we wrote is nobody's now.
                 await db.queue_deletion(conn, key)
                 self.deletions_queued()
+            await webhooks.emit_file_by_id(conn, "file.stored", file_id, claim.blob_id, self.node)
         log.info("stored %s in the cloud", file_id, extra={"file_id": str(file_id), "bytes": claim.size})
 
     @contextlib.asynccontextmanager

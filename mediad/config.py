@@ -62,6 +62,12 @@ class Settings:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
     max_header_bytes: int = 32 * 1024
+    # Webhooks: endpoints resolving to private/loopback/link-local addresses are refused unless
+    # allowed (tests, trusted networks); a delivery is retried for webhook_retry_s, then failed.
+    webhook_allow_private: bool = False
+    webhook_retry_s: float = 86400.0
+    webhook_concurrency: int = 32  # attempts in flight per process, all endpoints together (8 per endpoint)
+    webhook_poll_s: float = 2.0  # the fallback when no LISTEN/NOTIFY wake-up arrives
     db_pool_size: int = 20
     # Download lookups answered from memory (mediad/cache.py) lapse after this long even without a
     # change notification; 0 turns the cache off.
@@ -211,6 +217,9 @@ def _check(settings: Settings) -> None:
         for name in ("s3_endpoint_url", "s3_access_key", "s3_secret_key"):
             if not getattr(settings, name):
                 raise ConfigError(f"MEDIAD_{name.upper()} is required when MEDIAD_S3_BUCKET is set")
+    if settings.webhook_concurrency < 1 or settings.webhook_poll_s <= 0 or settings.webhook_retry_s <= 0:
+        raise ConfigError("MEDIAD_WEBHOOK_CONCURRENCY must be at least 1, MEDIAD_WEBHOOK_POLL_S and "
+                          "MEDIAD_WEBHOOK_RETRY_S greater than 0")
 
 
 def _check_accounts(settings: Settings) -> None:

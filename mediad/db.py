@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg  # type: ignore[import-untyped]
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.dialects.postgresql import UUID, insert
+from sqlalchemy.dialects.postgresql import ARRAY, UUID, insert
 from sqlalchemy.engine import Dialect, ExceptionContext, Row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -150,6 +150,52 @@ cloud_deletions = sa.Table(
     sa.Column("next_attempt_at", TZ, nullable=False, server_default=sa.func.now()),
     sa.Column("last_error", sa.Text),
     sa.Column("lease_until", TZ),
+)
+
+WEBHOOK_EVENTS = ("file.created", "file.replaced", "file.moved", "file.deleted", "file.stored", "file.evicted",
+                  "file.media_ready", "record.created", "upload.expired")
+DELIVERY_STATES = ("retrying", "delivered", "failed")
+
+webhook_endpoints = sa.Table(
+    "webhook_endpoints",
+    metadata,
+    sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("user_id", UUID(as_uuid=True), sa.ForeignKey("users.id", ondelete="CASCADE"),
+              nullable=False, index=True),
+    sa.Column("url", sa.Text, nullable=False),
+    # The event types it receives; NULL: all of them, including ones added later.
+    sa.Column("events", ARRAY(sa.Text)),
+    # nonce ‖ AES-GCM ciphertext of the signing secret, under a key derived from the server key:
+    # mediad must sign with it, so it cannot be a hash; a database dump alone does not reveal it.
+    sa.Column("secret", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", TZ, nullable=False, server_default=sa.func.now()),
+)
+
+webhook_deliveries = sa.Table(
+    "webhook_deliveries",
+    metadata,
+    # The outbox: one row per event and endpoint, written in the transaction of the change it
+    # announces, so it exists exactly when that change committed.
+    sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("endpoint_id", UUID(as_uuid=True), sa.ForeignKey("webhook_endpoints.id", ondelete="CASCADE"),
+              nullable=False),
+    # The webhook-id header: one per event, the same on every attempt.
+    sa.Column("event_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("event", sa.Text, nullable=False),
+    # The exact bytes signed and sent (UTF-8 JSON), fixed at emit time.
+    sa.Column("body", sa.Text, nullable=False),
+    sa.Column("status", sa.Text, nullable=False, server_default="retrying"),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_attempt_at", TZ, nullable=False, server_default=sa.func.now()),
+    # A worker's claim on the next attempt; another process may take it once it lapses.
+    sa.Column("lease_until", TZ),
+    sa.Column("last_status_code", sa.Integer),
+    sa.Column("last_error", sa.Text),
+    sa.Column("created_at", TZ, nullable=False, server_default=sa.func.now()),
+    sa.Column("delivered_at", TZ),
+    sa.CheckConstraint(f"status IN {DELIVERY_STATES!r}", name="status"),
+    sa.Index("ix_webhook_deliveries_endpoint_created", "endpoint_id", "created_at"),
+    sa.Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
 )
 
 
@@ -430,7 +476,7 @@ async def delete_file(conn: AsyncConnection, owner_id: uuid.UUID, file_id: uuid.
     result = await conn.execute(
         sa.delete(files)
         .where(files.c.id == file_id, files.c.owner_id == owner_id)
-        .returning(files.c.blob_id, files.c.node, files.c.cloud_state)
+        .returning(files)
     )
     return result.first()
 

@@ -13,7 +13,7 @@ from sqlalchemy.engine import Row
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from . import db
+from . import db, webhooks
 from .auth import authenticate
 from .cloud import cloud_key
 from .errors import NotFound, Unprocessable
@@ -113,6 +113,7 @@ async def delete(request: Request) -> Response:
         if gone is None:
             raise NotFound("no such file")
         await db.queue_deletion(conn, cloud_key(gone.blob_id))
+        await webhooks.emit_file(conn, "file.deleted", gone, None)
     await anyio.to_thread.run_sync(state.storage.remove_blob, gone.blob_id)
     if state.replicator is not None:
         state.replicator.deletions_queued()

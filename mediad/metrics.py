@@ -92,6 +92,11 @@ class Metrics:
                                    "blobs removed by cleanup.", ["kind"], registry=registry)
         for kind in ("temp", "orphan"):
             self.swept_files.labels(kind)
+        self.webhook_deliveries = Counter("mediad_webhook_deliveries", "Webhook delivery attempts by "
+                                          "outcome: delivered, retried (failed, tried again later) or failed "
+                                          "(gave up after MEDIAD_WEBHOOK_RETRY_S).", ["outcome"], registry=registry)
+        for outcome in ("delivered", "retried", "failed"):
+            self.webhook_deliveries.labels(outcome)
         self._scraped: dict[str, Any] = {}
         registry.register(self)
 

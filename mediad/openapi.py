@@ -565,6 +565,76 @@ _SERVICE: dict[str, Schema] = {
 
 _PATHS: dict[str, Schema] = {**_USERS, **_ACCOUNTS, **_FILES, **_RECORDS, **_UPLOADS, **_SERVICE}
 
+# ---- webhooks -----------------------------------------------------------------------------------
+
+_WEBHOOK_EVENTS: Schema = {"enum": ["file.created", "file.replaced", "file.moved", "file.deleted", "file.stored",
+                                    "file.evicted", "file.media_ready", "record.created", "upload.expired"]}
+_EVENT_LIST: Schema = {"type": "array", "items": _WEBHOOK_EVENTS, "minItems": 1, "uniqueItems": True}
+_WEBHOOK_URL: Schema = {"type": "string", "format": "uri", "pattern": "^https?://", "maxLength": 2048,
+                        "examples": ["https://receiver.example/hooks/mediad"],
+                        "description": "Refused (422) when its host resolves to a loopback, private, link-local, "
+                                       "CGNAT, multicast or cloud-metadata address, unless "
+                                       "MEDIAD_WEBHOOK_ALLOW_PRIVATE=true."}
+_WEBHOOK_FIELDS: Schema = {
+    "id": _UUID, "url": _WEBHOOK_URL,
+    "events": _described(_EVENT_LIST, "The event types it receives (all of them when created without `events`)."),
+    "created_at": _TIME,
+}
+_SCHEMAS.update({
+    "NewWebhook": _object({"url": _WEBHOOK_URL,
+                           "events": _described(_EVENT_LIST, "Omit for every event type.")}, required=["url"]),
+    "Webhook": _object(_WEBHOOK_FIELDS),
+    "WebhookCreated": _object({**_WEBHOOK_FIELDS, "secret": {
+        "type": "string", "pattern": "^whsec_", "description": "The Standard Webhooks signing secret, shown "
+        "this once: verify `webhook-signature` with it."}}),
+    "WebhookList": _object({"webhooks": {"type": "array", "items": _ref("schemas", "Webhook")}}),
+    "Delivery": _object({
+        "id": _UUID,
+        "event_id": _described(_UUID, "The `webhook-id` header: the same on every attempt."),
+        "event": _WEBHOOK_EVENTS,
+        "status": {"enum": ["delivered", "retrying", "failed"],
+                   "description": "`retrying` also before the first attempt."},
+        "attempts": _COUNT,
+        "last_status_code": {"type": ["integer", "null"]},
+        "last_error": {"type": ["string", "null"]},
+        "created_at": _TIME,
+        "delivered_at": {**_TIME, "type": ["string", "null"]},
+        "next_attempt_at": {**_TIME, "type": ["string", "null"], "description": "While `retrying`."},
+    }),
+    "DeliveryList": _object({"deliveries": {"type": "array", "items": _ref("schemas", "Delivery")}}),
+})
+_WEBHOOK_ID = _param("webhook_id", "path", "The webhook's id.", _UUID)
+_WEBHOOKS: dict[str, Schema] = {
+    "/webhooks": {
+        "post": _op("Register a webhook endpoint", {
+            "201": _ok("Created; the secret is shown this once.", _ref("schemas", "WebhookCreated"),
+                       {"Location": "`/webhooks/{id}`"}, {
+                           "ListDeliveries": _link("/webhooks/{webhook_id}/deliveries", "get", "Its deliveries.",
+                                                   webhook_id="$response.body#/id"),
+                           "DeleteWebhook": _link("/webhooks/{webhook_id}", "delete", "Remove it.",
+                                                  webhook_id="$response.body#/id")}),
+            **_errors(400, 401, 409, 422, 503)},
+            description="Events are POSTed as `{\"type\", \"timestamp\", \"data\"}` with the Standard Webhooks "
+                        "headers `webhook-id`, `webhook-timestamp` and `webhook-signature`; any 2xx within 10 s "
+                        "is success, anything else is retried with backoff for MEDIAD_WEBHOOK_RETRY_S (24 h). "
+                        "409: the caller has 20 webhooks already.",
+            body=_body(_json(_ref("schemas", "NewWebhook"))), tag="webhooks"),
+        "get": _op("The caller's webhook endpoints (no secrets)", {
+            "200": _ok("Oldest first.", _ref("schemas", "WebhookList")), **_errors(401, 503)}, tag="webhooks"),
+    },
+    "/webhooks/{webhook_id}": {
+        "parameters": [_WEBHOOK_ID],
+        "delete": _op("Remove a webhook endpoint (and its queued deliveries)", {
+            "204": _ok("Removed."), **_errors(401, 404, 503)}, tag="webhooks"),
+    },
+    "/webhooks/{webhook_id}/deliveries": {
+        "parameters": [_WEBHOOK_ID],
+        "get": _op("The latest 100 deliveries to an endpoint, newest first", {
+            "200": _ok("Deliveries.", _ref("schemas", "DeliveryList")), **_errors(401, 404, 503)}, tag="webhooks"),
+    },
+}
+_PATHS.update(_WEBHOOKS)
+
 
 @functools.cache
 def document(signup_open: bool = True) -> Schema:

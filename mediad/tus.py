@@ -29,7 +29,7 @@ from starlette.datastructures import State
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from . import db
+from . import db, webhooks
 from .auth import authenticate
 from .errors import (
     DATABASE_UNAVAILABLE,
@@ -465,6 +465,7 @@ async def sweep_uploads(engine: AsyncEngine, storage: Storage, *, dry_run: bool,
         query = sa.select(uploads.c.id).where(uploads.c.expires_at <= sa.func.now(), uploads.c.node == storage.node_id)
         expired = list((await conn.execute(query)).scalars())
         if expired and not dry_run:
+            await webhooks.emit_expired_uploads(conn, expired)
             await conn.execute(sa.delete(uploads).where(uploads.c.id.in_(expired)))
         live = set((await conn.execute(sa.select(uploads.c.id).where(uploads.c.file_id.is_(None)))).scalars())
     for upload_id in expired:

@@ -20,7 +20,7 @@ from starlette.datastructures import State
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
-from . import db
+from . import db, webhooks
 from .auth import authenticate
 from .cloud import cloud_key
 from .errors import BadRequest, InsufficientStorage, PayloadTooLarge, Unprocessable
@@ -147,6 +147,7 @@ async def commit_upload(state: State, owner_id: uuid.UUID, blob: Blob, *, name: 
     try:
         async with state.engine.begin() as conn:
             row, displaced = await db.put_file(conn, values)
+            await webhooks.emit_file(conn, "file.replaced" if displaced else "file.created", row, storage.node_id)
             if also is not None:  # more rows that stand or fall with this File (a record)
                 await also(conn, row)
             if displaced is not None:  # the old content's cloud copy goes too, with retries

@@ -1415,6 +1415,135 @@ async def section_tus(run: Run) -> None:
                   resumable["peak_rss_mib"] < 100)
 
 
+# ---- webhooks -----------------------------------------------------------------------------------
+
+HOOK_UPLOADS, HOOK_SIZE, HOOK_CLIENTS = 1000, 16 * 1024, 8  # small uploads: per-upload cost shows
+
+
+async def _hook_receiver_app(scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]],
+                             send: Callable[[dict[str, Any]], Awaitable[None]], log: Any = None) -> None:
+    """A subscriber: notes each event's arrival (wall clock, file id, type), answers 204."""
+    if scope["type"] == "lifespan":
+        while (message := await receive())["type"] != "lifespan.shutdown":
+            await send({"type": message["type"] + ".complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    body, more = b"", True
+    while more:
+        message = await receive()
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+    arrived = time.time()
+    if body:
+        event = json.loads(body)
+        log.write(f"{arrived} {event['data'].get('file', {}).get('id')} {event['type']}\n")
+        log.flush()
+    await send({"type": "http.response.start", "status": 204 if body else 200, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def serve_hook_receiver(port: int, path: str) -> None:
+    import uvicorn
+
+    with open(path, "a") as log:
+        app = functools.partial(_hook_receiver_app, log=log)
+        uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None,
+                                      access_log=False, interface="asgi3")).run()
+
+
+async def _timed_uploads(server: Server, headers: dict[str, str], tag: str) -> tuple[Result, dict[str, float]]:
+    """HOOK_UPLOADS small raw uploads from HOOK_CLIENTS clients: ({uploads/s, server CPU ms per
+    upload}, file id → 201 time)."""
+    body = os.urandom(HOOK_SIZE)
+    acked: dict[str, float] = {}
+    queue = iter(range(HOOK_UPLOADS))
+    limits = httpx.Limits(max_connections=HOOK_CLIENTS, max_keepalive_connections=HOOK_CLIENTS)
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        for i in queue:
+            answer = await client.post(f"/files?name={tag}-{i}.bin", content=body, headers=headers)
+            if answer.status_code != 201:
+                raise RuntimeError(f"upload {tag}-{i} answered {answer.status_code}: {answer.text}")
+            acked[answer.json()["id"]] = time.time()
+
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=TIMEOUT, limits=limits) as client:
+        started, cpu = time.perf_counter(), cpu_seconds(server.pid)
+        await asyncio.gather(*(worker(client) for _ in range(HOOK_CLIENTS)))
+        seconds = time.perf_counter() - started
+        cpu = cpu_seconds(server.pid) - cpu
+    return {"rate": HOOK_UPLOADS / seconds, "cpu_ms": 1000 * cpu / HOOK_UPLOADS}, acked
+
+
+async def _arrivals(path: Path, acked: dict[str, float], timeout: float = 120) -> dict[str, float]:
+    """file id → when its file.created reached the receiver, once all of `acked` have."""
+    deadline = time.monotonic() + timeout
+    while True:
+        arrivals = {}
+        for line in (await asyncio.to_thread(path.read_text)).splitlines():
+            moment, file_id, kind = line.split(" ")
+            if kind == "file.created" and file_id in acked:
+                arrivals.setdefault(file_id, float(moment))
+        if len(arrivals) == len(acked) or time.monotonic() > deadline:
+            return arrivals
+        await asyncio.sleep(0.2)
+
+
+async def section_webhooks(run: Run) -> None:
+    """Upload throughput without and with an endpoint registered, and 201 → receiver latency. A
+    mediad of its own (its own embedded database) that may call the loopback receiver."""
+    report, bench_dir = run.report, run.bench_dir / "webhooks"
+    bench_dir.mkdir(exist_ok=True)
+    port, arrivals_log = free_port(), bench_dir / "arrivals.log"
+    arrivals_log.touch()
+    receiver = multiprocessing.get_context("spawn").Process(
+        target=serve_hook_receiver, args=(port, str(arrivals_log)), daemon=True)
+    receiver.start()
+    env = {"MEDIAD_WEBHOOK_ALLOW_PRIVATE": "true"}
+    try:
+        await asyncio.to_thread(_wait_answering, f"http://127.0.0.1:{port}/")
+        with mediad_server(bench_dir, None, env, run.cloud) as server:
+            await _timed_uploads(server, server.headers, "warm")  # first-use costs out of the figures
+            plain, _ = await _timed_uploads(server, server.headers, "plain")
+            async with httpx.AsyncClient(base_url=server.base_url, timeout=TIMEOUT) as client:
+                user = (await client.post("/users", json={"name": f"hooked-{secrets.token_hex(4)}"})).json()
+                headers = {"Authorization": f"Bearer {user['token']}"}
+                created = await client.post("/webhooks", json={"url": f"http://127.0.0.1:{port}/hook"},
+                                            headers=headers)
+                created.raise_for_status()
+            hooked, acked = await _timed_uploads(server, headers, "hooked")
+            arrived = await _arrivals(arrivals_log, acked)
+            await asyncio.sleep(3)  # the file.stored events trail
+            events = len((await asyncio.to_thread(arrivals_log.read_text)).splitlines())
+    finally:
+        receiver.terminate()
+        receiver.join(10)
+    latencies = sorted(1000 * (arrived[i] - acked[i]) for i in arrived)
+    label = f"{HOOK_UPLOADS} × {HOOK_SIZE // 1024} KiB uploads, {HOOK_CLIENTS} clients"
+    report.figure(f"{label}: no endpoint", plain["rate"], "uploads/s")
+    report.figure(f"{label}: an endpoint (all events)", hooked["rate"], "uploads/s")
+    report.figure("mediad CPU per upload, no endpoint", plain["cpu_ms"], "ms", 2)
+    report.figure("mediad CPU per upload, an endpoint", hooked["cpu_ms"], "ms", 2)
+    report.note("events received by the end (file.stored trails replication)",
+                f"{events}; file.created: {len(arrived)} of {len(acked)}")
+    for pct in (50, 99):
+        report.figure(f"201 → receiver, p{pct}", percentile(latencies, pct) if latencies else float("nan"), "ms", 1)
+    report.figure("201 → receiver, max", latencies[-1] if latencies else float("nan"), "ms", 1)
+    ratio = hooked["rate"] / plain["rate"]
+    report.target("upload throughput with an endpoint", f"{100 * ratio:.0f}%", "≥ 95% of none", ratio >= 0.95)
+    p99 = percentile(latencies, 99) if len(latencies) == len(acked) else float("inf")
+    report.target("event latency 201 → receiver, p99", f"{p99:.0f} ms", "< 500 ms", p99 < 500)
+
+
+def _wait_answering(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.TransportError):
+            httpx.get(url, timeout=1)
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer within {timeout} s")
+
+
 SECTIONS: dict[str, Callable[[Run], Awaitable[None]]] = {
     "uploads": section_uploads,
     "downloads": section_downloads,
@@ -1422,6 +1551,7 @@ SECTIONS: dict[str, Callable[[Run], Awaitable[None]]] = {
     "cloud": section_cloud,
     "audio": section_audio,
     "tus": section_tus,
+    "webhooks": section_webhooks,
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
 import signal
 import socket
@@ -390,3 +391,104 @@ async def wait_for(check: Callable[[], Awaitable[bool]], timeout: float = 20, wh
         await asyncio.sleep(0.05)
 
 
+
+
+# ---- a webhook receiver -------------------------------------------------------------------------
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    verified: bool  # the signature checked out with standardwebhooks and the endpoint's secret
+    at: float  # time.monotonic() of arrival
+
+    @property
+    def event(self) -> dict[str, Any]:
+        return json.loads(self.body)
+
+
+class Receiver:
+    """A subscriber's endpoint: a Starlette app under uvicorn on a fixed loopback port, so it can
+    go down and come back at the same URL. It verifies every request with the standardwebhooks
+    package and answers as told, per path: with `status` (default 204), after `delay_s`, with a
+    body of `huge_bytes`."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.secrets: dict[str, str] = {}  # path → the whsec_ secret of the endpoint registered there
+        self.received: list[Received] = []
+        self.status: dict[str, int] = {}
+        self.delay_s: dict[str, float] = {}
+        self.huge_bytes: dict[str, int] = {}
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def url(self, path: str = "/hook") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def events(self, path: str | None = None) -> list[dict[str, Any]]:
+        return [r.event for r in self.received if path is None or r.path == path]
+
+    async def _handle(self, request: Any) -> Any:
+        from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+        from starlette.responses import Response, StreamingResponse
+
+        body = await request.body()
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        secret = self.secrets.get(request.url.path)
+        verified = False
+        if secret is not None:
+            try:
+                Webhook(secret).verify(body, headers)
+                verified = True
+            except WebhookVerificationError:
+                verified = False
+        path = request.url.path
+        self.received.append(Received(path, headers, body, verified, time.monotonic()))
+        status, huge = self.status.get(path, 204), self.huge_bytes.get(path, 0)
+        await asyncio.sleep(self.delay_s.get(path, 0.0))
+        if huge:
+            async def chunks() -> AsyncIterator[bytes]:
+                block = b"x" * (1 << 20)
+                for _ in range(huge >> 20):
+                    yield block
+            return StreamingResponse(chunks(), status_code=status)
+        return Response(status_code=status)
+
+    def _app(self) -> Any:
+        from starlette.applications import Starlette
+        from starlette.routing import Route
+
+        return Starlette(routes=[Route("/{path:path}", self._handle, methods=["POST"])])
+
+    def start(self) -> Receiver:
+        config = uvicorn.Config(self._app(), host="127.0.0.1", port=self.port, log_config=None, lifespan="off",
+                                timeout_graceful_shutdown=1)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, name="webhook-receiver", daemon=True)
+        self._thread.start()
+        for _ in range(1000):
+            if self._server.started or not self._thread.is_alive():
+                break
+            threading.Event().wait(0.01)
+        if not self._server.started:
+            raise RuntimeError("the webhook receiver did not start")
+        return self
+
+    def stop(self) -> None:
+        """Down: connections are refused from now on."""
+        if self._server is not None and self._thread is not None:
+            self._server.should_exit = True
+            self._server.force_exit = True
+            self._thread.join(15)
+        self._server = self._thread = None
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    running = Receiver(free_port()).start()
+    try:
+        yield running
+    finally:
+        running.stop()

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from conftest import Server, User, assert_problem, make_settings, make_user, upload
@@ -69,12 +70,35 @@ async def _a_token(http: httpx.AsyncClient, owner: User) -> tuple[str, State]:
     return token["id"], state
 
 
+_DATABASE: dict[str, str] = {}  # the shared server's database URL, set by the `calls` fixture
+
+
+async def _a_webhook(http: httpx.AsyncClient, owner: User) -> tuple[str, State]:
+    # The shared server refuses loopback endpoints (and tests call nothing off the machine), so the
+    # row is written directly; an attempt to it would be refused before connecting.
+    webhook_id = uuid.uuid4()
+    conn = await asyncpg.connect(_DATABASE["url"])
+    try:
+        await conn.execute("INSERT INTO webhook_endpoints (id, user_id, url, secret) VALUES ($1, $2, $3, $4)",
+                           webhook_id, uuid.UUID(owner.id), "http://127.0.0.1:9/hook", b"not a sealed secret")
+    finally:
+        await conn.close()
+
+    async def state() -> Any:
+        listed = await http.get("/webhooks", headers=owner.auth)
+        deliveries = await http.get(f"/webhooks/{webhook_id}/deliveries", headers=owner.auth)
+        return listed.json(), deliveries.status_code, deliveries.json()
+
+    return str(webhook_id), state
+
+
 # Every path parameter of the app names one kind of resource. A route with a parameter missing here
 # fails test_every_id_route_is_covered: add the kind's factory, and every test below covers it.
 RESOURCES: dict[str, Callable[[httpx.AsyncClient, User], Awaitable[tuple[str, State]]]] = {
     "file_id": _a_file,
     "upload_id": _a_tus_upload,
     "token_id": _a_token,
+    "webhook_id": _a_webhook,
 }
 
 
@@ -124,6 +148,7 @@ def id_calls(tmp_path: Path, database_url: str) -> list[tuple[str, Call]]:
 
 @pytest.fixture
 def calls(tmp_path: Path, server: Server) -> list[tuple[str, Call]]:
+    _DATABASE["url"] = server.database_url
     return id_calls(tmp_path, server.database_url)
 
 

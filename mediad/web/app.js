@@ -8,6 +8,7 @@ import { $, clearError, h, humanSize, showError, shownName } from "./ui.js";
 import { clearFinished, resetUploads, setUpDropzone, showRemembered, uploadsRunning } from "./uploads.js";
 import { resetPasswordForm, setUpPasswordForm } from "./password.js";
 import { applySignupPolicy } from "./signup.js";
+import { refreshWebhooks, resetWebhooks, setUpWebhooks } from "./webhooks.js";
 
 // ---- signing in --------------------------------------------------------------------------------
 
@@ -57,6 +58,7 @@ function signOut(message) {
   session.clear();
   resetFiles();
   resetPasswordForm();
+  resetWebhooks();
   $("records").replaceChildren();
   $("workspace").hidden = true;
   $("account").hidden = true;
@@ -72,6 +74,7 @@ function enterWorkspace() {
   $("whoami").textContent = session.user;
   showRemembered();
   refreshFiles();
+  refreshWebhooks();
 }
 
 // ---- records -----------------------------------------------------------------------------------
@@ -155,6 +158,7 @@ function start() {
   setUpDropzone();
   setUpPasswordForm();
   applySignupPolicy();
+  setUpWebhooks();
   window.addEventListener("mediad:unauthorized", () => signOut("Your session is no longer valid; sign in again."));
   window.addEventListener("beforeunload", (event) => {
     if (uploadsRunning()) event.preventDefault(); // they could resume, but ask

@@ -159,7 +159,7 @@ async function share(file) {
   }
 }
 
-function confirmDialog(text) {
+export function confirmDialog(text) {
   const dialog = $("confirm");
   $("confirm-text").textContent = text;
   dialog.returnValue = "";
