@@ -38,7 +38,8 @@ from .errors import (
 )
 from .files import file_json, parse_file_id
 from .storage import Blob
-from .uploads import clean_name, commit_upload, receive_multipart
+from .names import clean_name, media_type
+from .uploads import commit_upload, receive_multipart
 
 log = logging.getLogger("mediad.audio")
 
@@ -221,8 +222,7 @@ def _record_name(filename: str | None) -> str:
 
 async def post_records(request: Request) -> JSONResponse:
     state = request.app.state
-    content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if content_type != "multipart/form-data":
+    if media_type(request.headers.get("content-type")) != "multipart/form-data":
         raise BadRequest("POST /records takes multipart/form-data with the WAV in a part named 'file'")
     owner = await authenticate(request) if "authorization" in request.headers else None
     writer = state.storage.open_writer(state.settings.max_upload_bytes)

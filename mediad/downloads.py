@@ -40,7 +40,7 @@ from .errors import (
     Unprocessable,
 )
 from .files import parse_file_id
-from .uploads import clean_path
+from .names import clean_path
 
 log = logging.getLogger("mediad.downloads")
 

@@ -49,7 +49,8 @@ from .errors import (
 )
 from .files import parse_file_id, rfc3339
 from .storage import Blob, Storage, fsync_dir, is_disk_full, start_writeback
-from .uploads import clean_path, commit_upload, place
+from .names import clean_path, media_type, place
+from .uploads import commit_upload
 
 TUS_VERSION = "1.0.0"
 EXTENSIONS = "creation,creation-with-upload,termination,checksum,expiration"
@@ -193,7 +194,7 @@ async def create(request: Request) -> Response:
         await anyio.to_thread.run_sync(_remove_partial, state.storage, upload_id)
         raise
     headers = {"Location": f"/uploads/{upload_id}", "Upload-Expires": _http_date(expires_at)}
-    body_follows = request.headers.get("content-type", "").split(";")[0].strip() == OFFSET_STREAM
+    body_follows = media_type(request.headers.get("content-type")) == OFFSET_STREAM
     if body_follows or length == 0:
         offset, file_id = await _patch(request, upload_id, owner_id, offset=0, checksum=None)
         headers["Upload-Offset"] = str(offset)
@@ -223,7 +224,7 @@ async def status(request: Request) -> Response:
 async def patch(request: Request) -> Response:
     owner_id = await authenticate(request)
     upload_id = parse_file_id(request.path_params["upload_id"])
-    if request.headers.get("content-type", "").split(";")[0].strip() != OFFSET_STREAM:
+    if media_type(request.headers.get("content-type")) != OFFSET_STREAM:
         raise UnsupportedMediaType(f"PATCH needs Content-Type: {OFFSET_STREAM}")
     offset = _int_header(request, "upload-offset")
     if offset is None:

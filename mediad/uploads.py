@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import mimetypes
-import os
-import re
-import unicodedata
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from email.message import Message
-from email.utils import collapse_rfc2231_value
 from typing import Any
 
 import anyio
-import filetype
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.datastructures import State
@@ -36,91 +30,23 @@ from .formdata import (
     ValueTarget,
     parse_content_boundary,
 )
+from .names import (
+    MAX_PATH_CHARS,
+    clean_name,
+    clean_path,
+    detect_format,
+    extension_of,
+    filename_from_disposition,
+    media_type,
+    place,
+)
 from .storage import Blob, BlobWriter, is_disk_full
+
+__all__ = ["clean_name", "clean_path", "commit_upload", "place", "receive_multipart"]
 
 MULTIPART_ENVELOPE = 64 * 1024  # allowance for boundaries and part headers over the file's bytes
 MAX_PARTS = 100  # a file, a path and whatever else a web form sends along
 MAX_PART_HEADER_BYTES = MULTIPART_ENVELOPE  # the headers of all parts together
-_MAX_NAME_CHARS = 1024
-_MAX_PATH_CHARS = 4096
-_SEPARATORS = re.compile(r"[/\\]")
-
-
-# ---- names and paths (pure) ---------------------------------------------------------------------
-
-def _has_control(text: str) -> bool:
-    return any(unicodedata.category(ch) == "Cc" for ch in text)
-
-
-def clean_name(raw: str) -> str:
-    """The client's file name as metadata: last path component, NFC; never a disk path."""
-    if _has_control(raw):
-        raise Unprocessable("the file name contains NUL or control characters")
-    name = unicodedata.normalize("NFC", _SEPARATORS.split(raw)[-1])
-    if name in ("", ".", ".."):
-        raise Unprocessable(f"{raw!r} is not a usable file name")
-    if len(name) > _MAX_NAME_CHARS:
-        raise Unprocessable(f"the file name is longer than {_MAX_NAME_CHARS} characters")
-    return name
-
-
-def clean_path(raw: str) -> str:
-    """An absolute virtual path, `//` collapsed; a trailing `/` marks a folder."""
-    if _has_control(raw):
-        raise Unprocessable("the path contains NUL or control characters")
-    if not raw.startswith("/"):
-        raise Unprocessable("the path must be absolute (start with /)")
-    if "\\" in raw:
-        raise Unprocessable("the path must not contain backslashes")
-    path = re.sub(r"/{2,}", "/", unicodedata.normalize("NFC", raw))
-    if any(segment in (".", "..") for segment in path.split("/")):
-        raise Unprocessable("the path must not contain . or .. segments")
-    if len(path) > _MAX_PATH_CHARS:
-        raise Unprocessable(f"the path is longer than {_MAX_PATH_CHARS} characters")
-    return path
-
-
-def place(path: str | None, name: str | None) -> tuple[str, str | None]:
-    """(name, path) of the File: a folder path keeps the file's own name inside it; a full path
-    names the file itself."""
-    if path is not None and not path.endswith("/"):
-        return clean_name(path.rsplit("/", 1)[-1]), path
-    if name is None:
-        raise Unprocessable("a file name is required: a filename in the upload, ?name= or a path")
-    name = clean_name(name)
-    return name, (path + name if path is not None else None)
-
-
-def extension_of(name: str) -> str:
-    return os.path.splitext(name)[1][1:].lower()
-
-
-def detect_format(head: bytes, name: str) -> str:
-    """MIME type from the leading bytes, then the name's extension; the client's type is ignored."""
-    kind = filetype.guess(head) if head else None
-    if kind is not None:
-        return str(kind.mime)
-    return mimetypes.guess_type(name, strict=False)[0] or "application/octet-stream"
-
-
-def filename_from_disposition(header: str | None) -> str | None:
-    """The filename (or RFC 6266 filename*) of a Content-Disposition header."""
-    if not header:
-        return None
-    try:  # Starlette decodes headers as latin-1; clients that send raw UTF-8 mean UTF-8
-        header = header.encode("latin-1").decode("utf-8")
-    except UnicodeError:
-        pass
-    message = Message()
-    message["content-disposition"] = header
-    # RFC 6266 §4.3: filename* wins over the plain fallback wherever it appears; the email
-    # package decodes both to "filename", telling the extended one apart only as a tuple.
-    params = message.get_params(header="content-disposition") or []
-    for key, value in params:
-        if key.lower() == "filename" and isinstance(value, tuple):
-            return str(collapse_rfc2231_value(value))
-    filename = message.get_filename()
-    return str(filename) if filename is not None else None
 
 
 # ---- committing ---------------------------------------------------------------------------------
@@ -217,7 +143,7 @@ class _TextField(ValueTarget):
     """A small text field, counting parts: the parser would concatenate a repeated field."""
 
     def __init__(self) -> None:
-        super().__init__(validator=MaxSizeValidator(_MAX_PATH_CHARS * 4))
+        super().__init__(validator=MaxSizeValidator(MAX_PATH_CHARS * 4))
         self.parts = 0
 
     def on_start(self) -> None:
@@ -324,8 +250,7 @@ def _created(row: Row[Any], replaced: bool, node: uuid.UUID | None) -> JSONRespo
 
 async def post_files(request: Request) -> JSONResponse:
     owner_id = await authenticate(request)
-    content_type = request.headers.get("content-type", "")
-    multipart = content_type.split(";", 1)[0].strip().lower() == "multipart/form-data"
+    multipart = media_type(request.headers.get("content-type")) == "multipart/form-data"
     name = request.query_params.get("name") or filename_from_disposition(
         request.headers.get("content-disposition"))
     raw_path = request.query_params.get("path")
