@@ -1,6 +1,6 @@
 """Soak mediad with a mixed load and check that it stays correct, small and leak-free (issue 13).
 
-    python ops/soak.py [--clients 64] [--duration 120] [--seed 13] [--shared-pool] [--mix range=100]
+    python -m ops.soak [--clients 64] [--duration 120] [--seed 13] [--shared-pool] [--mix range=100]
                        [--url http://127.0.0.1:8000 [--pid PID] [--pgdata DIR]]
 
 Without --url it starts `mediad serve` on the embedded defaults (its own PostgreSQL and mock
@@ -34,8 +34,7 @@ from pathlib import Path
 
 import httpx
 
-# ops/ is sys.path[0] when this runs as a script: reuse the benchmark's process helpers.
-from bench import cpu_seconds, descendants, free_port, percentile, run_async, running
+from ops.harness import cpu_seconds, descendants, free_port, percentile, run_async, running
 
 MiB = 1 << 20
 USERS, SEED_FILES = 8, 32

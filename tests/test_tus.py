@@ -157,26 +157,35 @@ async def test_checksums_are_verified_per_chunk(client: httpx.AsyncClient, user:
     assert file["sha256"] == hashlib.sha256(data).hexdigest()
 
 
-async def test_racing_patches_never_interleave(client: httpx.AsyncClient, user: User) -> None:
+async def test_racing_patches_never_interleave(server: Server, client: httpx.AsyncClient, user: User) -> None:
     data = os.urandom(2 * MiB)
     location = await create(client, user, len(data))
-    started = asyncio.Event()
+    upload_id = location.rsplit("/", 1)[1]
+    rival_answered = asyncio.Event()
 
     async def slow_body() -> AsyncIterator[bytes]:
-        for start in range(0, MiB, 64 * 1024):
+        yield data[:64 * 1024]
+        await rival_answered.wait()  # the first PATCH holds its claim until the rival has its answer
+        for start in range(64 * 1024, MiB, 64 * 1024):
             yield data[start:start + 64 * 1024]
-            started.set()
-            await asyncio.sleep(0.02)
+
+    async def locked() -> bool:
+        conn = await asyncpg.connect(server.database_url)
+        try:
+            return bool(await conn.fetchval("SELECT lock_until IS NOT NULL FROM uploads WHERE id = $1", upload_id))
+        finally:
+            await conn.close()
 
     async def rival() -> httpx.Response:
-        await started.wait()
-        await asyncio.sleep(0.1)
-        return await patch(client, user, location, 0, b"\x00" * MiB)
+        try:
+            await wait_for(locked, what="the first PATCH's claim")
+            return await patch(client, user, location, 0, b"\x00" * MiB)
+        finally:
+            rival_answered.set()
 
     first, second = await asyncio.gather(patch(client, user, location, 0, slow_body()), rival())
     assert first.status_code == 204 and first.headers["upload-offset"] == str(MiB)
-    assert second.status_code in (409, 423)
-    assert_problem(second, second.status_code)
+    assert_problem(second, 423)
     stale = await patch(client, user, location, 0, data[:10])
     assert_problem(stale, 409)
     last = await patch(client, user, location, MiB, data[MiB:])
