@@ -34,7 +34,7 @@ _QUEUE_DEPTH = 8  # batches in flight per upload: one upload keeps the disk busy
 # Bytes received but not yet written, over all uploads of a process (of its event loop): each
 # upload's queue bounds that upload only, and 32 concurrent uploads could otherwise hold 32 × 9 MiB.
 _IN_FLIGHT_BYTES = 16 << 20
-_WRITEBACK_EVERY = 32 << 20  # start write-back early so the final fsync is short
+_WRITEBACK_EVERY = 8 << 20  # start write-back early so the final fsync (of a tus PATCH too) is short
 _FREE_CHECK_EVERY = 64 << 20
 _READ_BYTES = 1 << 20
 _IOV_MAX = 512  # stay under the kernel's IOV_MAX (1024) per pwritev
@@ -231,6 +231,8 @@ class BlobWriter:
         if budget.used + len(chunk) <= budget.limit:  # the common case, without a coroutine
             budget.used += len(chunk)
         else:
+            if self._batch:  # what this writer holds must be on its way to the disk before it
+                await self._flush()  # waits, or uploads waiting for each other would never move
             await budget.take(len(chunk))
         self._held += len(chunk)
         self._batch.append(chunk)
