@@ -229,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     which.add_argument("file_id", nargs="?", help="one file id")
     args = parser.parse_args(argv)
     if args.command == "mock-cloud":
-        return mockcloud.main_from_args(args)
+        return mockcloud.main_from_args(args, os.environ)
 
     try:
         overrides = {}

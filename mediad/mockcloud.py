@@ -53,6 +53,7 @@ from .errors import (
     error_response,
     problem,
 )
+from .storage import fsync_dir  # an OS helper; the mock's writing and range reading are its own
 
 log = logging.getLogger("mediad.mockcloud")
 
@@ -188,13 +189,13 @@ class _Cloud:
         final_blob = self.blob_path(blob_id)
         final_blob.parent.mkdir(parents=True, exist_ok=True)
         os.replace(received.path, final_blob)
-        _fsync_dir(final_blob.parent)
+        fsync_dir(final_blob.parent)
         old = self.read_meta(key)
         meta = _Meta(key, received.size, received.sha256, blob_id)
         final = self.sidecar(key)
         if not final.parent.is_dir():
             final.parent.mkdir(exist_ok=True)
-            _fsync_dir(self.objects)
+            fsync_dir(self.objects)
         temp = self.tmp_dir / f"{blob_id}.json.part"
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
         try:
@@ -203,7 +204,7 @@ class _Cloud:
         finally:
             os.close(fd)
         os.replace(temp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         if old is not None:
             self.remove_blob(old.blob)
 
@@ -211,7 +212,7 @@ class _Cloud:
         old = self.read_meta(key)
         if old is not None:
             self.sidecar(key).unlink(missing_ok=True)
-            _fsync_dir(self.sidecar(key).parent)
+            fsync_dir(self.sidecar(key).parent)
             self.remove_blob(old.blob)
 
     def count_objects(self) -> int:
@@ -303,14 +304,6 @@ class _Received:
     async def discard(self) -> None:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(lambda: self.path.unlink(missing_ok=True))
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _one_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -444,8 +437,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def create_mock_cloud(data_dir: Path, token: str, faults: Faults | None = None) -> Starlette:
-    """The mock cloud app; `faults` None means the MOCKCLOUD_* variables of the environment."""
-    cloud = _Cloud(data_dir, token, faults if faults is not None else Faults.from_env(os.environ))
+    """The mock cloud app; `faults` None means none injected."""
+    cloud = _Cloud(data_dir, token, faults if faults is not None else Faults())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -469,10 +462,10 @@ def create_mock_cloud(data_dir: Path, token: str, faults: Faults | None = None) 
     return app
 
 
-def run_mock_cloud(host: str, port: int, data_dir: Path, token: str) -> None:
+def run_mock_cloud(host: str, port: int, data_dir: Path, token: str, faults: Faults) -> None:
     import uvicorn
 
-    config = uvicorn.Config(create_mock_cloud(data_dir, token), host=host, port=port, log_config=None,
+    config = uvicorn.Config(create_mock_cloud(data_dir, token, faults), host=host, port=port, log_config=None,
                             timeout_graceful_shutdown=5, server_header=False)
     uvicorn.Server(config).run()
 
@@ -491,13 +484,15 @@ def _ignore_signal(signum: int, frame: object) -> None:
     """uvicorn re-raises SIGINT/SIGTERM after a graceful stop; this makes that a no-op (exit 0)."""
 
 
-def main_from_args(args: argparse.Namespace) -> int:
-    token = args.token or os.environ.get("MEDIAD_CLOUD_TOKEN")
+def main_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    """`mediad mock-cloud`: a program of its own, configured by its MOCKCLOUD_* variables and the
+    token in MEDIAD_CLOUD_TOKEN (read here, once, from `environ`)."""
+    token = args.token or environ.get("MEDIAD_CLOUD_TOKEN")
     if not token:
         token = secrets.token_urlsafe(32)
         print(f"mock cloud token: {token}", flush=True)
     try:
-        Faults.from_env(os.environ)  # fail at start, with the variable's name, not in the app
+        faults = Faults.from_env(environ)  # fail at start, with the variable's name, not in the app
     except ValueError as exc:
         print(f"mediad: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -508,5 +503,5 @@ def main_from_args(args: argparse.Namespace) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _ignore_signal)
     log.info("mock cloud on http://%s:%d, data in %s", args.host, args.port, Path(args.data_dir).resolve())
-    run_mock_cloud(args.host, args.port, Path(args.data_dir), token)
+    run_mock_cloud(args.host, args.port, Path(args.data_dir), token, faults)
     return 0

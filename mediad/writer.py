@@ -33,7 +33,7 @@ _BATCH_BYTES = 1 << 20  # hand the writer thread ~1 MiB at a time: few thread ho
 _QUEUE_DEPTH = 8  # batches in flight per upload: one upload keeps the disk busy with ~8 MiB
 # Bytes received but not yet written, over all uploads of a process (of its event loop): each
 # upload's queue bounds that upload only, and 32 concurrent uploads could otherwise hold 32 × 9 MiB.
-_IN_FLIGHT_BYTES = 16 << 20
+_IN_FLIGHT_BYTES = 8 << 20
 _WRITEBACK_EVERY = 8 << 20  # start write-back early so the final fsync (of a tus PATCH too) is short
 _FREE_CHECK_EVERY = 64 << 20
 _READ_BYTES = 1 << 20

@@ -107,18 +107,15 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
-class RssSampler:
-    """Samples a process's RSS every `interval` seconds in a thread while the block runs; with
-    `child_prefix`, also the peak RSS and the CPU of its descendants of that name (ffmpeg)."""
+class Sampler:
+    """Calls `tick()` every `interval` seconds in a thread of its own while the block runs."""
 
-    def __init__(self, pid: int, interval: float = 0.02, child_prefix: str | None = None) -> None:
-        self.pid, self.interval, self.child_prefix = pid, interval, child_prefix
-        self.peak_kib = self.hwm_kib = self.child_peak_kib = 0
-        self.child_cpu: dict[int, float] = {}  # pid → CPU seconds when last seen alive
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> RssSampler:
+    def __enter__(self) -> Any:
         self._thread.start()
         return self
 
@@ -126,15 +123,32 @@ class RssSampler:
         self._stop.set()
         self._thread.join()
 
+    def tick(self) -> None:
+        raise NotImplementedError
+
     def _run(self) -> None:
         while True:
-            status = proc_status(self.pid)
-            self.peak_kib = max(self.peak_kib, status["VmRSS"])
-            self.hwm_kib = status["VmHWM"]
-            if self.child_prefix:
-                self._sample_children(self.child_prefix)
+            self.tick()
             if self._stop.wait(self.interval):
                 return
+
+
+class RssSampler(Sampler):
+    """Samples a process's RSS while the block runs; with `child_prefix`, also the peak RSS and
+    the CPU of its descendants of that name (ffmpeg)."""
+
+    def __init__(self, pid: int, interval: float = 0.02, child_prefix: str | None = None) -> None:
+        super().__init__(interval)
+        self.pid, self.child_prefix = pid, child_prefix
+        self.peak_kib = self.hwm_kib = self.child_peak_kib = 0
+        self.child_cpu: dict[int, float] = {}  # pid → CPU seconds when last seen alive
+
+    def tick(self) -> None:
+        status = proc_status(self.pid)
+        self.peak_kib = max(self.peak_kib, status["VmRSS"])
+        self.hwm_kib = status["VmHWM"]
+        if self.child_prefix:
+            self._sample_children(self.child_prefix)
 
     def _sample_children(self, prefix: str) -> None:
         for child in descendants(self.pid):

@@ -25,7 +25,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -34,7 +33,7 @@ from pathlib import Path
 
 import httpx
 
-from ops.harness import cpu_seconds, descendants, free_port, percentile, run_async, running
+from ops.harness import Sampler, cpu_seconds, descendants, free_port, percentile, run_async, running
 
 MiB = 1 << 20
 USERS, SEED_FILES = 8, 32
@@ -330,27 +329,19 @@ def postgres_cpu(postmaster: int | None) -> float | None:
     return None
 
 
-class MemorySampler:
+class MemorySampler(Sampler):
     """In a thread: VmRSS of the mediad process, VmRSS of its other descendants (the mock cloud;
-    migrate and ffmpeg while they run) and the Pss sum of the PostgreSQL tree every `interval` s;
+    migrate and ffmpeg while they run) and the Pss sum of the PostgreSQL tree every `every` s;
     the postmaster's children every 50 ms, to count the backends started meanwhile."""
 
-    def __init__(self, pid: int, pgdata: Path | None, interval: float = 0.2) -> None:
-        self.pid, self.interval = pid, interval
+    def __init__(self, pid: int, pgdata: Path | None, every: float = 0.2) -> None:
+        super().__init__(0.05)
+        self.pid, self.every = pid, every
         self.postmaster = postmaster_pid(pgdata)
         self.peak = {"mediad": 0, "children": 0, "total": 0, "postgres": 0}  # KiB
         self._backends_before = set(descendants(self.postmaster)) if self.postmaster else set()
         self.backends_seen: set[int] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> MemorySampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+        self._ticks = 0
 
     @property
     def backends_started(self) -> int:
@@ -369,18 +360,14 @@ class MemorySampler:
         now["total"] = now["mediad"] + now["children"]
         return now
 
-    def _run(self) -> None:
-        ticks = 0
-        while True:
-            if self.postmaster is not None:
-                self.backends_seen.update(descendants(self.postmaster))
-            if ticks % max(1, round(self.interval / 0.05)) == 0:
-                with contextlib.suppress(OSError):  # the server may be gone: keep the peaks so far
-                    for key, value in self.sample().items():
-                        self.peak[key] = max(self.peak[key], value)
-            ticks += 1
-            if self._stop.wait(0.05):
-                return
+    def tick(self) -> None:
+        if self.postmaster is not None:
+            self.backends_seen.update(descendants(self.postmaster))
+        if self._ticks % max(1, round(self.every / self.interval)) == 0:
+            with contextlib.suppress(OSError):  # the server may be gone: keep the peaks so far
+                for key, value in self.sample().items():
+                    self.peak[key] = max(self.peak[key], value)
+        self._ticks += 1
 
 
 @contextlib.contextmanager

@@ -517,7 +517,7 @@ async def test_concurrent_uploads_to_one_path_leave_one_whole_file(
 async def test_uploads_holding_more_than_the_in_flight_bound_all_complete(
         client: httpx.AsyncClient, server: Server, user: User) -> None:
     """40 uploads each hold 640 KiB, less than a writer's batch, not yet written at the same moment:
-    more than the 16 MiB a process keeps in flight over all uploads. They wait for each other's
+    more than the 8 MiB a process keeps in flight over all uploads. They wait for each other's
     writes, never for ever."""
     bodies = [payload(2 * MiB + n, 200 + n) for n in range(40)]
     held = 640 * KiB
@@ -539,7 +539,7 @@ async def test_uploads_holding_more_than_the_in_flight_bound_all_complete(
     responses = await asyncio.gather(*(
         client.post("/files", headers=user.auth, params={"name": f"crowd{n}.bin"}, content=body(data))
         for n, data in enumerate(bodies)))
-    assert [r.status_code for r in responses] == [201] * len(bodies), [r.text for r in responses if r.status_code != 201]
+    assert [r.status_code for r in responses] == [201] * len(bodies), [r.text for r in responses][:3]
     assert [r.json()["sha256"] for r in responses] == [sha(data) for data in bodies]
     assert server.stray_temp_files() == []
 
