@@ -158,7 +158,8 @@ async def _relieve_pressure(engine: AsyncEngine, storage: Storage, settings: Set
                             evicted: set[uuid.UUID], usage: DiskUsage | None) -> None:
     """Over the high-water mark: least recently accessed first, down to the low-water mark."""
     assert storage.node_id is not None
-    usage = usage or await anyio.to_thread.run_sync(storage.usage)
+    if usage is None:
+        usage = await anyio.to_thread.run_sync(storage.usage)
     report.disk_used_fraction = round(usage.used_fraction, 4)
     wanted = bytes_to_free(usage, settings.disk_high_water)
     if wanted <= 0:
@@ -205,6 +206,7 @@ async def _sweep_leftovers(engine: AsyncEngine, storage: Storage, report: Report
 
 async def _lost_bytes(engine: AsyncEngine, storage: Storage, row: Any, report: Report) -> None:
     """A row of this node whose blob is not on its disk."""
+    assert storage.node_id is not None
     if row.cloud_state == "stored":
         report.actions.append(f"mark {row.id} as not local (its file is gone, the cloud has it)")
         if not report.dry_run:
@@ -219,6 +221,7 @@ async def _lost_bytes(engine: AsyncEngine, storage: Storage, row: Any, report: R
 async def _evict(engine: AsyncEngine, storage: Storage, row: Any, report: Report) -> bool:
     """Row first (only if still stored and unchanged), then the bytes: a download that already
     opened the file keeps its inode; one that has not re-reads the row and goes to the cloud."""
+    assert storage.node_id is not None
     report.actions.append(f"evict {row.id} ({row.size} bytes)")
     if report.dry_run:
         report.evicted_files += 1

@@ -255,8 +255,8 @@ async def _find(request: Request) -> Row[Any]:
 
 class Hashes:
     """sha256 of each live upload's bytes so far, so a PATCH need not re-read the partial file.
-    An entry goes when its upload completes or is terminated; entries of uploads that expired
-    (or moved to another process) are pruned as new ones come."""
+    An entry goes when its upload completes or is terminated, and those of uploads that expired
+    (abandoned by their clients) are pruned, at most once a minute, as new entries come."""
 
     _PRUNE_EVERY_S = 60.0
 
@@ -305,10 +305,10 @@ async def _patch(request: Request, upload_id: uuid.UUID, owner_id: uuid.UUID, *,
         if offset != row.offset:
             raise Conflict(f"Upload-Offset is {offset} but the upload is at {row.offset}")
         hashes: Hashes = state.tus_hashers
-        whole, cut = await _append(request, storage, hashes, row, checksum)
-        new_offset = row.offset + whole.size
+        writer, cut = await _append(request, storage, hashes, row, checksum)
+        new_offset = row.offset + writer.size
         if new_offset == row.length and not cut:
-            file_id = await _complete(state.engine, storage, state.replicator, row, whole.sha256)
+            file_id = await _complete(state.engine, storage, state.replicator, row, writer.sha256)
             hashes.drop(row.id)
             released = True  # the File's transaction released the claim
             return new_offset, file_id
@@ -316,7 +316,7 @@ async def _patch(request: Request, upload_id: uuid.UUID, owner_id: uuid.UUID, *,
             await conn.execute(sa.update(uploads).where(uploads.c.id == row.id, uploads.c.offset == row.offset)
                                .values(offset=new_offset, lock_until=None))
         released = True  # the statement that recorded the new offset released the claim
-        hashes.put(row.id, new_offset, whole.sha256, row.expires_at)
+        hashes.put(row.id, new_offset, writer.sha256, row.expires_at)
         return new_offset, None
     finally:
         if not released:

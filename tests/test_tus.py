@@ -9,7 +9,9 @@ import io
 import os
 import signal
 import socket
+import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
@@ -17,6 +19,8 @@ import httpx
 import pytest
 from conftest import Server, User, assert_problem, make_settings, make_user, mediad_process, serve_in_thread, wait_for
 from tusclient.client import TusClient
+
+from mediad.tus import Hashes
 
 MiB = 1024 * 1024
 TUS = {"Tus-Resumable": "1.0.0"}
@@ -292,3 +296,16 @@ async def test_status_json(client: httpx.AsyncClient, user: User, length: int) -
     status = (await client.get(location, headers=user.auth)).json()
     assert status["offset"] == 0 and status["length"] == length and status["file_id"] is None
     assert status["expires_at"].endswith("Z") and status["id"] in location
+
+
+def test_cached_hashes_of_expired_uploads_are_pruned() -> None:
+    hashes = Hashes()
+    now = datetime.now(UTC)
+    abandoned, live = uuid.uuid4(), uuid.uuid4()
+    hashes.put(abandoned, 10, hashlib.sha256(b"0123456789"), now - timedelta(seconds=1))
+    assert hashes.get(abandoned, 10) is None and len(hashes) == 0
+    hasher = hashlib.sha256(b"abc")
+    hashes.put(live, 3, hasher, now + timedelta(hours=1))
+    assert hashes.get(live, 3) is hasher and hashes.get(live, 4) is None  # only at its own offset
+    hashes.drop(live)
+    assert len(hashes) == 0
