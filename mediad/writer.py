@@ -30,10 +30,14 @@ from .storage import HEAD_BYTES, Blob, Storage, is_disk_full
 Hasher = Any  # a hashlib object
 
 _BATCH_BYTES = 1 << 20  # hand the writer thread ~1 MiB at a time: few thread hops per GiB
+_MIN_BATCH_BYTES = 64 << 10  # with many uploads at once, smaller batches (see _Budget.batch_bytes)
 _QUEUE_DEPTH = 8  # batches in flight per upload: one upload keeps the disk busy with ~8 MiB
-# Bytes received but not yet written, over all uploads of a process (of its event loop): each
-# upload's queue bounds that upload only, and 32 concurrent uploads could otherwise hold 32 × 9 MiB.
-_IN_FLIGHT_BYTES = 8 << 20
+# Bytes handed to writer threads and not yet written, over all uploads of a process (of its event
+# loop): each upload's queue bounds that upload only, and 32 concurrent uploads could otherwise
+# queue 32 × 8 MiB. Only handed-over bytes count, which the threads write by themselves: a stalled
+# client's unfinished batch holds none of it, so a few stalled uploads cannot hold up everyone
+# else's; and batches shrink as writers multiply, so what they gather stays bounded too.
+_IN_FLIGHT_BYTES = 4 << 20
 _WRITEBACK_EVERY = 8 << 20  # start write-back early so the final fsync (of a tus PATCH too) is short
 _FREE_CHECK_EVERY = 64 << 20
 _READ_BYTES = 1 << 20
@@ -124,16 +128,23 @@ _WRITERS = _WriterThreads()
 
 
 class _Budget:
-    """Bytes held by writers and not yet on disk, for all uploads on one event loop. Taken as
-    chunks arrive, given back as the thread writes them; used on the loop's thread only."""
+    """Bytes handed to writer threads and not yet on disk, for all uploads on one event loop.
+    Taken as a batch is handed over, given back as the thread writes it; used on the loop's
+    thread only."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
+        self.writers = 0  # open on this loop
         self._waiters: deque[asyncio.Future[None]] = deque()
 
+    def batch_bytes(self) -> int:
+        """How much a writer gathers before handing it over: ~1 MiB alone, less when many share
+        the limit, so that what they gather is bounded like what they have handed over."""
+        return max(_MIN_BATCH_BYTES, min(_BATCH_BYTES, self.limit // max(1, self.writers)))
+
     async def take(self, size: int) -> None:
-        # One holder may always go past the limit by a chunk, or a chunk over it would never pass.
+        # With nothing in flight any batch may go, or one larger than the limit would never pass.
         while self.used > 0 and self.used + size > self.limit:
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
@@ -194,6 +205,7 @@ class BlobWriter:
         self._next_free_check = _FREE_CHECK_EVERY
         self._loop = asyncio.get_running_loop()
         self._budget = _budget(self._loop)
+        self._budget.writers += 1
         self._held = 0  # of the budget, by this writer
         self._slots = asyncio.Semaphore(_QUEUE_DEPTH)
         self._queue: queue.SimpleQueue[list[bytes] | None] = queue.SimpleQueue()
@@ -227,17 +239,9 @@ class BlobWriter:
         if self.size >= self._next_free_check:
             self._next_free_check += _FREE_CHECK_EVERY
             self._storage.check_reserve(0)
-        budget = self._budget
-        if budget.used + len(chunk) <= budget.limit:  # the common case, without a coroutine
-            budget.used += len(chunk)
-        else:
-            if self._batch:  # what this writer holds must be on its way to the disk before it
-                await self._flush()  # waits, or uploads waiting for each other would never move
-            await budget.take(len(chunk))
-        self._held += len(chunk)
         self._batch.append(chunk)
         self._batch_bytes += len(chunk)
-        if self._batch_bytes >= _BATCH_BYTES:
+        if self._batch_bytes >= self._budget.batch_bytes():
             await self._flush()
 
     async def finish(self) -> Blob:
@@ -262,16 +266,19 @@ class BlobWriter:
                 os.truncate(self.path, self._offset)  # the bytes past the offset were never acknowledged
 
     async def _flush(self) -> None:
-        batch, self._batch, self._batch_bytes = self._batch, [], 0
+        batch, size = self._batch, self._batch_bytes
+        self._batch, self._batch_bytes = [], 0
         await self._slots.acquire()
+        await self._budget.take(size)
+        self._held += size
         self._queue.put(batch)
 
     async def _close(self) -> None:
         if not self._closed:
             self._closed = True
+            self._budget.writers -= 1
             self._queue.put(None)
-            if self._batch:  # never handed over (aborted mid-batch): give its budget back now
-                self._batch, self._batch_bytes = [], 0
+            self._batch, self._batch_bytes = [], 0  # never handed over (aborted mid-batch)
         await asyncio.shield(self._done)
         if self._held:
             self._budget.give(self._held)

@@ -516,9 +516,9 @@ async def test_concurrent_uploads_to_one_path_leave_one_whole_file(
 
 async def test_uploads_holding_more_than_the_in_flight_bound_all_complete(
         client: httpx.AsyncClient, server: Server, user: User) -> None:
-    """40 uploads each hold 640 KiB, less than a writer's batch, not yet written at the same moment:
-    more than the 8 MiB a process keeps in flight over all uploads. They wait for each other's
-    writes, never for ever."""
+    """40 uploads at once, each pausing after 640 KiB until all have sent as much (25 MiB received
+    at one moment, far more than the 4 MiB a process lets its writer threads queue over all
+    uploads): they wait for each other's writes, never for ever."""
     bodies = [payload(2 * MiB + n, 200 + n) for n in range(40)]
     held = 640 * KiB
     arrived = 0
