@@ -306,8 +306,9 @@ class BlobWriter:
         try:
             fd = self._open()
             self._write_batches(fd)
-            if self._storage.durable:
-                os.fsync(fd)  # before the caller acknowledges a byte, it is durable
+            if self._storage.durable:  # before the caller acknowledges a byte, it is durable
+                # An appended file's metadata that matters (its size) is in fdatasync's scope too.
+                (os.fsync if self._create else os.fdatasync)(fd)
         except BaseException as exc:  # whatever happens, the waiting upload must hear of it
             self._error = exc
             self._drain()

@@ -373,7 +373,7 @@ class MemorySampler(Sampler):
 @contextlib.contextmanager
 def mediad_serve(data_dir: Path) -> Iterator[tuple[str, int]]:
     """`mediad serve` on the embedded defaults with `data_dir`; (base URL, pid). On exit SIGTERM and
-    a wait (bench.running), then a check that nothing started under `data_dir` outlived it."""
+    a wait (harness.running), then a check that nothing started under `data_dir` outlived it."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEDIAD_")}
     env.update(MEDIAD_DATA_DIR=str(data_dir), MEDIAD_PORT=str(port), MEDIAD_HOST="127.0.0.1")
