@@ -7,7 +7,8 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,8 @@ from starlette.types import Scope
 
 from . import accounts, audio, auth, downloads, fastpath, files, links, openapi, tus, uploads, webhooks
 from .cache import LookupCache, listener_dsn
-from .cleanup import AccessTracker, cleanup_loop, recover
-from .cloud import CloudError, ObjectStore, Replicator
+from .cleanup import AccessTracker, Report, cleanup_loop, recover
+from .cloud import CloudError, ObjectStore, Replicator, Store
 from .config import Settings
 from .conventions import Conventions, allowed_methods, cors
 from .db import create_engine
@@ -45,59 +46,7 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
     if not url:
         raise ValueError("no database URL: start the embedded PostgreSQL or set MEDIAD_DATABASE_URL")
     metrics = Metrics()  # a registry per app: several apps in one process do not clash
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        storage = Storage(settings.data_dir, durable=settings.fsync,
-                          min_free_bytes=settings.min_free_bytes)
-        await anyio.to_thread.run_sync(storage.prepare)
-        app.state.link_key = await anyio.to_thread.run_sync(links.load_key, settings)
-        engine = create_engine(url, settings)
-        app.state.settings = settings
-        log.info("%s", auth.signup_policy(settings), extra={"signup": "open" if settings.signup_open else "closed"})
-        app.state.storage = storage
-        app.state.engine = engine
-        # Single-statement reads (token checks, lookups, health) skip BEGIN/ROLLBACK: two fewer
-        # round trips on the hottest paths. Same pool.
-        app.state.reader = engine.execution_options(isolation_level="AUTOCOMMIT")
-        app.state.store = app.state.replicator = app.state.last_cleanup = None
-        app.state.access = AccessTracker()
-        app.state.metrics = metrics
-        app.state.transcoder = audio.Transcoder(settings)
-        app.state.tus_hashers = {}  # upload id → (offset, sha256 so far) while an upload is live
-        app.state.cache = None
-        async with contextlib.AsyncExitStack() as stack:
-            if settings.cache_max_age_s > 0:  # the download path's lookups, kept fresh by LISTEN
-                app.state.cache = LookupCache(settings.cache_max_age_s)
-                listener = asyncio.create_task(app.state.cache.listen(listener_dsn(url)), name="cache-listener")
-                stack.push_async_callback(_stop, listener)
-            stack.push_async_callback(engine.dispose)
-            stack.callback(storage.leave)
-            await recover(engine, storage)  # what a dead process left on this data dir
-            stack.push_async_callback(_flush_quietly, app.state.access, engine)
-            if settings.cloud_url or settings.s3_bucket:
-                http = await stack.enter_async_context(httpx.AsyncClient(
-                    timeout=httpx.Timeout(60, connect=5), limits=httpx.Limits(max_connections=64)))
-                if settings.s3_bucket:
-                    from .s3 import S3Store
-
-                    app.state.store = S3Store(http, settings)
-                    try:
-                        await app.state.store.ensure_bucket()
-                    except CloudError as exc:  # replication retries; the service starts anyway
-                        log.warning("could not check or create the S3 bucket: %s", exc)
-                else:
-                    assert settings.cloud_url is not None
-                    app.state.store = ObjectStore(http, settings.cloud_url, settings.cloud_token)
-                app.state.replicator = Replicator(engine, storage, app.state.store, settings)
-                replication = asyncio.create_task(app.state.replicator.run(), name="replication")
-                stack.push_async_callback(_stop, replication)
-            app.state.deliverer = await _start_deliveries(stack, engine, settings, app.state.link_key, metrics)
-            if settings.cleanup_interval_s > 0:
-                loop = asyncio.create_task(
-                    cleanup_loop(engine, storage, settings, app.state.access, app.state), name="cleanup")
-                stack.push_async_callback(_stop, loop)
-            yield
+    lifespan = _lifespan(settings, url, metrics)
 
     routes = [
         Route("/health", health),
@@ -159,8 +108,86 @@ async def _start_deliveries(stack: contextlib.AsyncExitStack, engine: AsyncEngin
     """The webhook worker and its own HTTP client (no redirects, no keep-alive, no env proxies)."""
     http = await stack.enter_async_context(Deliverer.client(settings))
     deliverer = Deliverer(engine, http, settings, link_key, metrics)
-    stack.push_async_callback(_stop, asyncio.create_task(deliverer.run(), name="webhooks"))
+    _start(stack, "webhooks", deliverer.run())
     return deliverer
+
+
+Lifespan = Callable[[Starlette], AbstractAsyncContextManager[None]]
+
+
+def _lifespan(settings: Settings, url: str, metrics: Metrics) -> Lifespan:
+    """What the app holds while it serves, on `app.state` for the handlers: the data dir, the
+    database, the cloud replicator, the background loops. Everything started is stopped in
+    reverse order on the way out, also when starting fails halfway."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        state = app.state
+        storage = Storage(settings.data_dir, durable=settings.fsync, min_free_bytes=settings.min_free_bytes)
+        await anyio.to_thread.run_sync(storage.prepare)
+        state.link_key = await anyio.to_thread.run_sync(links.load_key, settings)
+        engine = create_engine(url, settings)
+        state.settings, state.storage, state.engine, state.metrics = settings, storage, engine, metrics
+        log.info("%s", auth.signup_policy(settings), extra={"signup": "open" if settings.signup_open else "closed"})
+        # Single-statement reads (token checks, lookups, health) skip BEGIN/ROLLBACK: two fewer
+        # round trips on the hottest paths. Same pool.
+        state.reader = engine.execution_options(isolation_level="AUTOCOMMIT")
+        state.last_cleanup = None
+        state.access = AccessTracker()
+        state.transcoder = audio.Transcoder(settings)
+        state.tus_hashers = tus.Hashes()
+        state.cache = LookupCache(settings.cache_max_age_s) if settings.cache_max_age_s > 0 else None
+        async with contextlib.AsyncExitStack() as stack:
+            if state.cache is not None:  # the download path's lookups, kept fresh by LISTEN
+                _start(stack, "cache-listener", state.cache.listen(listener_dsn(url)))
+            stack.push_async_callback(engine.dispose)
+            stack.callback(storage.leave)
+            await recover(engine, storage)  # what a dead process left on this data dir
+            stack.push_async_callback(_flush_quietly, state.access, engine)
+            state.store, state.replicator = await _start_replication(stack, settings, engine, storage)
+            state.deliverer = await _start_deliveries(stack, engine, settings, state.link_key, metrics)
+            if settings.cleanup_interval_s > 0:
+
+                def cleaned(report: Report) -> None:
+                    state.last_cleanup = report
+                    if not report.dry_run:
+                        metrics.observe_cleanup(evicted_files=report.evicted_files, evicted_bytes=report.evicted_bytes,
+                                                temp_removed=report.temp_removed,
+                                                orphans_removed=report.orphans_removed)
+
+                _start(stack, "cleanup", cleanup_loop(engine, storage, settings, state.access, cleaned))
+            yield
+
+    return lifespan
+
+
+async def _start_replication(stack: contextlib.AsyncExitStack, settings: Settings, engine: AsyncEngine,
+                             storage: Storage) -> tuple[Store | None, Replicator | None]:
+    """The cloud store (S3 or the mock cloud API) and its replicator, when one is configured."""
+    if not (settings.cloud_url or settings.s3_bucket):
+        return None, None
+    http = await stack.enter_async_context(httpx.AsyncClient(
+        timeout=httpx.Timeout(60, connect=5), limits=httpx.Limits(max_connections=64)))
+    store: Store
+    if settings.s3_bucket:
+        from .s3 import S3Store
+
+        store = s3 = S3Store(http, settings)
+        try:
+            await s3.ensure_bucket()
+        except CloudError as exc:  # replication retries; the service starts anyway
+            log.warning("could not check or create the S3 bucket: %s", exc)
+    else:
+        assert settings.cloud_url is not None
+        store = ObjectStore(http, settings.cloud_url, settings.cloud_token)
+    replicator = Replicator(engine, storage, store, settings)
+    _start(stack, "replication", replicator.run())
+    return store, replicator
+
+
+def _start(stack: contextlib.AsyncExitStack, name: str, work: Coroutine[Any, Any, None]) -> None:
+    """Run `work` as a task until the stack closes."""
+    stack.push_async_callback(_stop, asyncio.create_task(work, name=name))
 
 
 async def _flush_quietly(tracker: AccessTracker, engine: AsyncEngine) -> None:

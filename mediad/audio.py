@@ -37,8 +37,10 @@ from .errors import (
     UnsupportedMediaType,
 )
 from .files import file_json, parse_file_id
-from .storage import Blob
-from .uploads import clean_name, commit_upload, receive_multipart
+from .names import clean_name, media_type
+from .storage import HEAD_BYTES, Blob
+from .uploads import commit_upload, receive_multipart
+from .writer import BlobWriter, read_span
 
 log = logging.getLogger("mediad.audio")
 
@@ -183,16 +185,16 @@ class Transcoder:
 def finish_blob(path: Path, durable: bool) -> Blob:
     """Hash, size and fsync a finished conversion so it can be committed like any upload."""
     digest = hashlib.sha256()
-    size = 0
-    head = b""
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 20):
-            if not head:
-                head = chunk[:8192]
-            digest.update(chunk)
-            size += len(chunk)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, HEAD_BYTES, 0)
+        for _ in read_span(fd, 0, size, [digest]):
+            pass
         if durable:
-            os.fsync(file.fileno())
+            os.fsync(fd)
+    finally:
+        os.close(fd)
     return Blob(path, size, digest.hexdigest(), head)
 
 
@@ -221,31 +223,33 @@ def _record_name(filename: str | None) -> str:
 
 async def post_records(request: Request) -> JSONResponse:
     state = request.app.state
-    content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if content_type != "multipart/form-data":
+    storage = state.storage
+    if media_type(request.headers.get("content-type")) != "multipart/form-data":
         raise BadRequest("POST /records takes multipart/form-data with the WAV in a part named 'file'")
     owner = await authenticate(request) if "authorization" in request.headers else None
-    writer = state.storage.open_writer(state.settings.max_upload_bytes)
-    mp3 = state.storage.temp_path(uuid.uuid4())
+    writer = BlobWriter.create(storage, max_bytes=state.settings.max_upload_bytes)
+    mp3 = storage.temp_path(uuid.uuid4())
     try:
-        filename, fields = await receive_multipart(request, writer, fields=("user", "token"))
+        filename, fields = await receive_multipart(request, writer, storage, state.settings.max_upload_bytes,
+                                                   fields=("user", "token"))
         owner = owner or await _form_identity(request, fields)
         wav = await writer.finish()
         info = parse_wav_header(await anyio.to_thread.run_sync(_read_head, wav.temp_path), wav.size)
         await state.transcoder.to_mp3(wav.temp_path, mp3, info)
-        blob = await anyio.to_thread.run_sync(finish_blob, mp3, state.storage.durable)
+        blob = await anyio.to_thread.run_sync(finish_blob, mp3, storage.durable)
 
         async def record(conn: AsyncConnection, row: Row[Any]) -> None:
             await db.insert_record(conn, row.id, round(info.duration_s * 1000))
             await webhooks.emit_file(conn, "record.created", row, state.storage.node_id)
 
-        row, _ = await commit_upload(state, owner, blob, name=_record_name(filename), path=None, also=record)
+        row, _ = await commit_upload(state.engine, storage, state.replicator, owner, blob,
+                                     name=_record_name(filename), path=None, also=record)
     finally:
         await writer.abort()  # the WAV is never kept
         await anyio.to_thread.run_sync(lambda: mp3.unlink(missing_ok=True))
     url = f"{state.settings.base_url}/record?id={row.id}&user={owner}"
     return JSONResponse({"id": str(row.id), "user": str(owner), "url": url,
-                         "file": file_json(row, state.storage.node_id)},
+                         "file": file_json(row, storage.node_id)},
                         status_code=201, headers={"Location": f"/files/{row.id}"})
 
 

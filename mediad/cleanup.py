@@ -14,7 +14,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -25,8 +25,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import db, webhooks
 from .config import Settings
-from .storage import Storage
-from .tus import release_locks, sweep_uploads
+from .errors import DATABASE_UNAVAILABLE
+from .storage import DiskUsage, Storage
 
 log = logging.getLogger("mediad.cleanup")
 
@@ -53,21 +53,6 @@ class Report:
         data["missing"] = len(self.missing)
         data.pop("actions")
         return data
-
-
-@dataclass(frozen=True)
-class DiskUsage:
-    total: int
-    free: int
-
-    @property
-    def used_fraction(self) -> float:
-        return 1.0 - self.free / self.total if self.total else 0.0
-
-
-def disk_usage(storage: Storage) -> DiskUsage:
-    stat = os.statvfs(storage.root)
-    return DiskUsage(stat.f_blocks * stat.f_frsize, stat.f_bavail * stat.f_frsize)
 
 
 def bytes_to_free(usage: DiskUsage, high_water: float) -> int:
@@ -150,72 +135,93 @@ async def sweep(engine: AsyncEngine, storage: Storage, settings: Settings, *, dr
 
 async def _pass(engine: AsyncEngine, storage: Storage, settings: Settings, report: Report,
                 now: datetime, usage: DiskUsage | None) -> None:
-    node = storage.node_id
-    assert node is not None, "storage.prepare() first"
-    # 1. Local copies not read for a TTL, once the cloud holds them.
-    async with engine.connect() as conn:
-        stale = await db.evictable(conn, node, accessed_before=now - timedelta(seconds=settings.local_ttl_s))
-    evicted: set[uuid.UUID] = set()
-    for row in stale:
-        if await _evict(engine, storage, row, report):
-            evicted.add(row.id)
-
-    # 2. Disk pressure: least recently accessed first, down to the low-water mark.
-    usage = usage or await anyio.to_thread.run_sync(disk_usage, storage)
-    report.disk_used_fraction = round(usage.used_fraction, 4)
-    wanted = bytes_to_free(usage, settings.disk_high_water)
-    if wanted > 0:
-        async with engine.connect() as conn:
-            candidates = await db.evictable(conn, node)
-        freed = 0
-        for row in candidates:
-            if freed >= wanted:
-                break
-            if row.id not in evicted and await _evict(engine, storage, row, report):
-                freed += row.size
-        if freed < wanted:
-            report.pressure_unrelieved = True
-            log.error("disk is %.0f%% full and only %d of %d bytes could be evicted: the rest is not "
-                      "in the cloud yet", usage.used_fraction * 100, freed, wanted)
-
-    # Expired resumable uploads, and partial files nobody owns.
+    assert storage.node_id is not None, "storage.prepare() first"
+    evicted = await _evict_stale(engine, storage, report, now - timedelta(seconds=settings.local_ttl_s))
+    await _relieve_pressure(engine, storage, settings, report, evicted, usage)
     actions = await sweep_uploads(engine, storage, dry_run=report.dry_run,
                                   older_than=time.time() - settings.cleanup_grace_s)
     report.uploads_removed = len(actions)
     report.actions.extend(actions)
+    await _sweep_leftovers(engine, storage, report, older_than=time.time() - settings.cleanup_grace_s)
 
-    # 3 and 4. Leftovers on disk, and rows whose bytes are nowhere.
+
+async def _evict_stale(engine: AsyncEngine, storage: Storage, report: Report, accessed_before: datetime
+                       ) -> set[uuid.UUID]:
+    """Local copies not read since `accessed_before`, once the cloud holds them; → their ids."""
+    assert storage.node_id is not None
+    async with engine.connect() as conn:
+        stale = await db.evictable(conn, storage.node_id, accessed_before=accessed_before)
+    return {row.id for row in stale if await _evict(engine, storage, row, report)}
+
+
+async def _relieve_pressure(engine: AsyncEngine, storage: Storage, settings: Settings, report: Report,
+                            evicted: set[uuid.UUID], usage: DiskUsage | None) -> None:
+    """Over the high-water mark: least recently accessed first, down to the low-water mark."""
+    assert storage.node_id is not None
+    if usage is None:
+        usage = await anyio.to_thread.run_sync(storage.usage)
+    report.disk_used_fraction = round(usage.used_fraction, 4)
+    wanted = bytes_to_free(usage, settings.disk_high_water)
+    if wanted <= 0:
+        return
+    async with engine.connect() as conn:
+        candidates = await db.evictable(conn, storage.node_id)
+    freed = 0
+    for row in candidates:
+        if freed >= wanted:
+            break
+        if row.id not in evicted and await _evict(engine, storage, row, report):
+            freed += row.size
+    if freed < wanted:
+        report.pressure_unrelieved = True
+        log.error("disk is %.0f%% full and only %d of %d bytes could be evicted: the rest is not "
+                  "in the cloud yet", usage.used_fraction * 100, freed, wanted)
+
+
+async def _sweep_leftovers(engine: AsyncEngine, storage: Storage, report: Report, *, older_than: float) -> None:
+    """Temp files and blobs no row owns (last written before `older_than`), and rows whose bytes
+    are gone: marked evicted when the cloud has them, reported as lost when not."""
+    node = storage.node_id
+    assert node is not None
     async with engine.connect() as conn:
         rows = await db.local_state(conn, node)
-    grace = settings.cleanup_grace_s
-    found = await anyio.to_thread.run_sync(_scan_disk, storage, {r.blob_id for r in rows}, time.time() - grace)
-    temps, orphans, present = found
-    for path in temps:
-        report.temp_removed += 1
-        _remove(path, report, f"remove abandoned temp file {os.path.basename(path)}")
-    for path in orphans:
-        report.orphans_removed += 1
-        _remove(path, report, f"remove orphan blob {os.path.basename(path)}")
+    temps, orphans, present = await anyio.to_thread.run_sync(
+        _scan_disk, storage, {r.blob_id for r in rows}, older_than)
+    doomed = [*temps, *orphans]
+    report.temp_removed += len(temps)
+    report.orphans_removed += len(orphans)
+    report.actions.extend(f"remove abandoned temp file {os.path.basename(path)}" for path in temps)
+    report.actions.extend(f"remove orphan blob {os.path.basename(path)}" for path in orphans)
     for row in rows:
         on_disk = row.blob_id in present
         if row.node == node and not on_disk:
-            if row.cloud_state == "stored":
-                report.actions.append(f"mark {row.id} as not local (its file is gone, the cloud has it)")
-                if not report.dry_run:
-                    async with engine.begin() as conn:
-                        await db.mark_evicted(conn, row.id, row.blob_id, node)
-            else:
-                report.missing.append(str(row.id))
-                log.error("DATA LOSS: file %s has no local bytes and no cloud copy", row.id,
-                          extra={"file_id": str(row.id), "blob_id": str(row.blob_id)})
+            await _lost_bytes(engine, storage, row, report)
         elif row.node is None and on_disk:
             # An eviction interrupted between its UPDATE and its unlink: finish it.
-            _remove(storage.blob_path(row.blob_id), report, f"finish eviction of {row.id}")
+            report.actions.append(f"finish eviction of {row.id}")
+            doomed.append(str(storage.blob_path(row.blob_id)))
+    if not report.dry_run:
+        await anyio.to_thread.run_sync(_remove_all, doomed)
+
+
+async def _lost_bytes(engine: AsyncEngine, storage: Storage, row: Any, report: Report) -> None:
+    """A row of this node whose blob is not on its disk."""
+    assert storage.node_id is not None
+    if row.cloud_state == "stored":
+        report.actions.append(f"mark {row.id} as not local (its file is gone, the cloud has it)")
+        if not report.dry_run:
+            async with engine.begin() as conn:
+                await db.mark_evicted(conn, row.id, row.blob_id, storage.node_id)
+    else:
+        report.missing.append(str(row.id))
+        log.error("DATA LOSS: file %s has no local bytes and no cloud copy", row.id,
+                  extra={"file_id": str(row.id), "blob_id": str(row.blob_id)})
 
 
 async def _evict(engine: AsyncEngine, storage: Storage, row: Any, report: Report) -> bool:
     """Row first (only if still stored and unchanged), then the bytes: a download that already
     opened the file keeps its inode; one that has not re-reads the row and goes to the cloud."""
+    assert storage.node_id is not None
     report.actions.append(f"evict {row.id} ({row.size} bytes)")
     if report.dry_run:
         report.evicted_files += 1
@@ -231,9 +237,8 @@ async def _evict(engine: AsyncEngine, storage: Storage, row: Any, report: Report
     return True
 
 
-def _remove(path: Any, report: Report, action: str) -> None:
-    report.actions.append(action)
-    if not report.dry_run:
+def _remove_all(paths: list[str]) -> None:
+    for path in paths:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
 
@@ -260,37 +265,77 @@ def _scan_disk(storage: Storage, known: set[uuid.UUID], older_than: float
     return temps, orphans, present
 
 
+# ---- resumable uploads ----------------------------------------------------------------------------
+
+async def sweep_uploads(engine: AsyncEngine, storage: Storage, *, dry_run: bool, older_than: float) -> list[str]:
+    """Expired uploads go (rows and partial files); partial files no row owns go after a grace."""
+    assert storage.node_id is not None
+    async with engine.begin() as conn:
+        expired = await db.expired_uploads(conn, storage.node_id)
+        if expired and not dry_run:  # announced in the transaction that ends them
+            await webhooks.emit_expired_uploads(conn, expired)
+            await db.delete_uploads(conn, expired)
+        live = await db.unfinished_uploads(conn)
+    stray = await anyio.to_thread.run_sync(storage.stray_partials, live | set(expired), older_than)
+    actions = [f"remove expired upload {upload_id}" for upload_id in expired]
+    actions += [f"remove stray partial file {path.name}" for path in stray]
+    if not dry_run:
+        await anyio.to_thread.run_sync(_remove_all, [*map(str, map(storage.partial_path, expired)), *map(str, stray)])
+    return actions
+
+
+# ---- start-up and the lifespan's loop -------------------------------------------------------------
+
 async def recover(engine: AsyncEngine, storage: Storage) -> None:
-    """The start-up pass of `mediad serve` (issue 12). When no other live process shares this data
-    dir, what is left in flight there is a dead process's: its temp files (uploads cut by the
-    crash; they have no row), partial files with no upload, the leases on its pushes and the locks
-    of its PATCHes, all released now rather than after their grace, lease or lock time. With a
-    live peer none of it can be told apart from the peer's own work, so it lapses as usual."""
+    """The start-up pass of `mediad serve`. When no other live process shares this data dir, what
+    is left in flight there is a dead process's: its temp files (uploads cut by the crash; they
+    have no row), blobs renamed into place whose row never committed, partial files with no
+    upload, the leases on its pushes and the locks of its PATCHes, all released now rather than
+    after their grace, lease or lock time. With a live peer none of it can be told apart from the
+    peer's own work, so it lapses as usual."""
     if not await anyio.to_thread.run_sync(storage.join):
         return
     try:
         temps = await anyio.to_thread.run_sync(storage.sweep_temp)
-        node = storage.node_id
-        assert node is not None, "storage.prepare() first"
         try:
-            async with engine.begin() as conn:
-                leases = await db.release_node_pushes(conn, node)
-                locks = await release_locks(conn, node)
-            partials = await sweep_uploads(engine, storage, dry_run=False, older_than=time.time())
+            leases, locks, partials, orphans = await _release_dead_work(engine, storage)
         except Exception as exc:  # the database may be down: leases and locks lapse by themselves
-            log.warning("start-up recovery could not reach the database: %s", exc.__class__.__name__)
-            leases = locks = 0
-            partials = []
-        if temps or leases or locks or partials:
-            log.info("start-up recovery: removed %d temp and %d partial files, released %d push leases "
-                     "and %d upload locks", temps, len(partials), leases, locks)
+            log.warning("start-up recovery could not reach the database: %s", exc.__class__.__name__,
+                        exc_info=not isinstance(exc, DATABASE_UNAVAILABLE))
+            leases = locks = partials = orphans = 0
+        if temps or leases or locks or partials or orphans:
+            log.info("start-up recovery: removed %d temp, %d partial and %d orphan files, released %d "
+                     "push leases and %d upload locks", temps, partials, orphans, leases, locks)
     finally:
         await anyio.to_thread.run_sync(storage.share)
 
 
+async def _release_dead_work(engine: AsyncEngine, storage: Storage) -> tuple[int, int, int, int]:
+    """→ (push leases and upload locks released, partial files and orphan blobs removed)."""
+    node = storage.node_id
+    assert node is not None, "storage.prepare() first"
+    async with engine.begin() as conn:
+        leases = await db.release_node_pushes(conn, node)
+        locks = await db.release_upload_locks(conn, node)
+    partials = await sweep_uploads(engine, storage, dry_run=False, older_than=time.time())
+    async with engine.connect() as conn:
+        known = {row.blob_id for row in await db.local_state(conn, node)}
+    # Every blob is older than "in a second": no grace, since no live process can be committing one.
+    _, orphans, _ = await anyio.to_thread.run_sync(_scan_disk, storage, known, time.time() + 1)
+    if orphans and not known:
+        # A database that names none of this data dir's blobs is more likely the wrong database
+        # (a changed MEDIAD_DATABASE_URL) than one crash's leftovers: keep them, say so.
+        log.warning("start-up recovery: the database names none of the %d blobs in %s; left in place "
+                    "(check MEDIAD_DATABASE_URL)", len(orphans), storage.root / "files")
+        orphans = []
+    await anyio.to_thread.run_sync(_remove_all, orphans)
+    return leases, locks, len(partials), len(orphans)
+
+
 async def cleanup_loop(engine: AsyncEngine, storage: Storage, settings: Settings, tracker: AccessTracker,
-                       state: Any) -> None:
-    """The lifespan's loop: flush access times often, run a pass every cleanup interval."""
+                       on_pass: Callable[[Report], None]) -> None:
+    """The lifespan's loop: flush access times often, run a pass every cleanup interval, and hand
+    each pass's report to `on_pass`."""
     next_pass = time.monotonic() + min(settings.cleanup_interval_s, 5.0)
     while True:
         await asyncio.sleep(min(10.0, settings.cleanup_interval_s))
@@ -300,7 +345,8 @@ async def cleanup_loop(engine: AsyncEngine, storage: Storage, settings: Settings
                 next_pass = time.monotonic() + settings.cleanup_interval_s
                 report = await sweep(engine, storage, settings)
                 if report.skipped is None:
-                    state.last_cleanup = report
-                    state.metrics.observe_cleanup(report)
-        except Exception as exc:  # the database may be down: try again next time
+                    on_pass(report)
+        except DATABASE_UNAVAILABLE as exc:  # the database is down: try again next time
             log.warning("cleanup loop: %s", exc.__class__.__name__, extra={"error": str(exc)[:300]})
+        except Exception:  # a bug, or the disk: say where, and still try again next time
+            log.exception("cleanup loop: the pass failed")

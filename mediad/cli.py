@@ -230,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     admin.add_cli(commands)
     args = parser.parse_args(argv)
     if args.command == "mock-cloud":
-        return mockcloud.main_from_args(args)
+        return mockcloud.main_from_args(args, os.environ)
 
     try:
         overrides = {}

@@ -260,27 +260,37 @@ class Replicator:
                 await renewal
 
     async def _delete_loop(self) -> None:
-        settings = self.settings
         while True:
-            with anyio.move_on_after(settings.cloud_poll_s):
+            with anyio.move_on_after(self.settings.cloud_poll_s):
                 await self._deletions_due.wait()
             self._deletions_due.clear()
             try:
                 async with self.engine.connect() as conn:
                     keys = await db.due_deletions(conn, _POLL_BATCH)
                 for key in keys:
-                    async with self.engine.begin() as conn:
-                        if not await db.claim_deletion(conn, key, settings.cloud_lease_s):
-                            continue
-                    try:
-                        await self.store.delete(key)
-                    except CloudError as exc:
-                        async with self.engine.begin() as conn:
-                            await db.fail_deletion(conn, key, str(exc), retry_delay(
-                                1, settings.cloud_retry_base_s, settings.cloud_retry_cap_s))
-                        continue
-                    async with self.engine.begin() as conn:
-                        await db.finish_deletion(conn, key)
+                    await self._delete(key)
             except Exception as exc:
                 log.warning("cloud deletion pass failed: %s", exc.__class__.__name__,
                             extra={"error": str(exc)[:300]})
+
+    async def _delete(self, key: str) -> None:
+        """One due deletion, retried with the pushes' backoff when the store refuses. It never gives
+        up: an object left behind would keep content its owner deleted; past the pushes' attempt
+        limit every failure is logged as an error."""
+        settings = self.settings
+        async with self.engine.begin() as conn:
+            attempts = await db.claim_deletion(conn, key, settings.cloud_lease_s)
+        if attempts is None:
+            return
+        try:
+            await self.store.delete(key)
+        except CloudError as exc:
+            delay = retry_delay(attempts, settings.cloud_retry_base_s, settings.cloud_retry_cap_s)
+            level = logging.ERROR if attempts + 1 >= settings.cloud_max_attempts else logging.WARNING
+            log.log(level, "cloud deletion of %s failed (attempt %d), retrying in %.1fs: %s", key,
+                    attempts + 1, delay, exc)
+            async with self.engine.begin() as conn:
+                await db.fail_deletion(conn, key, str(exc), delay)
+            return
+        async with self.engine.begin() as conn:
+            await db.finish_deletion(conn, key)

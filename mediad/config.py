@@ -1,6 +1,8 @@
 """Settings: one frozen object read from MEDIAD_* variables and an optional .env file.
 
-No other module reads ``os.environ``. Invalid values fail at start with the variable's name.
+No other module of the service reads ``os.environ`` for a setting: the CLI only hands its
+environment on (to ``load_settings``, to the processes it starts, and to the mock cloud, a program
+of its own with its MOCKCLOUD_* variables). Invalid values fail at start with the variable's name.
 """
 
 from __future__ import annotations

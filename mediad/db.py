@@ -597,13 +597,15 @@ async def due_deletions(conn: AsyncConnection, limit: int) -> list[str]:
     return list(result.scalars())
 
 
-async def claim_deletion(conn: AsyncConnection, key: str, lease_s: float) -> bool:
+async def claim_deletion(conn: AsyncConnection, key: str, lease_s: float) -> int | None:
+    """Lease a due deletion; → its failed attempts so far, or None when it is not due or taken."""
     result = await conn.execute(
         sa.update(cloud_deletions)
         .where(cloud_deletions.c.key == key, cloud_deletions.c.next_attempt_at <= sa.func.now(),
                _claimable(cloud_deletions, "lease_until"))
-        .values(lease_until=_lease(lease_s)))
-    return result.rowcount == 1
+        .values(lease_until=_lease(lease_s))
+        .returning(cloud_deletions.c.attempts))
+    return result.scalar_one_or_none()
 
 
 async def finish_deletion(conn: AsyncConnection, key: str) -> None:
@@ -668,3 +670,27 @@ async def record_file(conn: AsyncConnection, file_id: uuid.UUID, user_id: uuid.U
         sa.select(files).join(records, records.c.file_id == files.c.id)
         .where(files.c.id == file_id, files.c.owner_id == user_id))
     return result.first()
+
+
+# ---- resumable uploads: what cleanup and recovery need ------------------------------------------
+
+async def release_upload_locks(conn: AsyncConnection, node: uuid.UUID) -> int:
+    """Free the uploads of `node` locked by a PATCH that a crash cut off, which would otherwise answer
+    423 for a minute; only once every process sharing that data dir is known dead."""
+    result = await conn.execute(sa.update(uploads).where(uploads.c.node == node, uploads.c.lock_until.is_not(None))
+                                .values(lock_until=None))
+    return result.rowcount
+
+
+async def expired_uploads(conn: AsyncConnection, node: uuid.UUID) -> list[uuid.UUID]:
+    """The expired uploads whose partial files are on `node`."""
+    query = sa.select(uploads.c.id).where(uploads.c.expires_at <= sa.func.now(), uploads.c.node == node)
+    return list((await conn.execute(query)).scalars())
+
+
+async def delete_uploads(conn: AsyncConnection, upload_ids: list[uuid.UUID]) -> None:
+    await conn.execute(sa.delete(uploads).where(uploads.c.id.in_(upload_ids)))
+
+
+async def unfinished_uploads(conn: AsyncConnection) -> set[uuid.UUID]:
+    return set((await conn.execute(sa.select(uploads.c.id).where(uploads.c.file_id.is_(None)))).scalars())

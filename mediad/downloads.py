@@ -43,8 +43,8 @@ from .errors import (
     Unprocessable,
 )
 from .files import parse_file_id
+from .names import clean_path
 from .storage import blob_relpath
-from .uploads import clean_path
 
 log = logging.getLogger("mediad.downloads")
 

@@ -13,7 +13,6 @@ import binascii
 import hashlib
 import hmac
 import logging
-import os
 import secrets
 import time
 import uuid
@@ -36,7 +35,7 @@ from .auth import authenticate, read_json_object
 from .config import ConfigError, Settings
 from .errors import Forbidden, NotFound, Unprocessable
 from .files import parse_file_id, rfc3339
-from .storage import fsync_dir
+from .storage import create_exclusive
 
 log = logging.getLogger("mediad.links")
 
@@ -131,21 +130,9 @@ def load_key(settings: Settings) -> bytes:
     except FileNotFoundError:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
-    candidate = path.with_name(f"{path.name}.{uuid.uuid4().hex}")
-    fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, base64.urlsafe_b64encode(secrets.token_bytes(_KEY_BYTES)) + b"\n")
-        os.fsync(fd)  # never link an empty key into place: a crash must not end every link
-    finally:
-        os.close(fd)
-    try:
-        os.link(candidate, path)
-        fsync_dir(path.parent)
+    key = base64.urlsafe_b64encode(secrets.token_bytes(_KEY_BYTES)) + b"\n"
+    if create_exclusive(path, key, mode=0o600):
         log.info("created the signed-link key at %s", path)
-    except FileExistsError:
-        pass  # another process won the race; use its key
-    finally:
-        candidate.unlink()
     return _read_key(path)
 
 

@@ -20,13 +20,14 @@ import sqlalchemy as sa
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import db, logs
-from .cleanup import Report, disk_usage
+from .storage import Storage
 
 log = logging.getLogger("mediad.metrics")
 
@@ -100,30 +101,29 @@ class Metrics:
         self._scraped: dict[str, Any] = {}
         registry.register(self)
 
-    def observe_cleanup(self, report: Report) -> None:
+    def observe_cleanup(self, *, evicted_files: int, evicted_bytes: int, temp_removed: int,
+                        orphans_removed: int) -> None:
         """Add one finished cleanup pass (the lifespan loop calls this)."""
-        if report.dry_run:
-            return
-        self.evicted_files.inc(report.evicted_files)
-        self.freed_bytes.inc(report.evicted_bytes)
-        self.swept_files.labels("temp").inc(report.temp_removed)
-        self.swept_files.labels("orphan").inc(report.orphans_removed)
+        self.evicted_files.inc(evicted_files)
+        self.freed_bytes.inc(evicted_bytes)
+        self.swept_files.labels("temp").inc(temp_removed)
+        self.swept_files.labels("orphan").inc(orphans_removed)
 
-    async def refresh(self, state: Any) -> None:
-        """Read what is measured at scrape time: the replication backlog, the disk, push failures."""
+    async def refresh(self, reader: AsyncEngine, storage: Storage, push_failures: int) -> None:
+        """Read what is measured at scrape time: the replication backlog, the disk; and take the
+        replicator's count of push failures."""
         scraped: dict[str, Any] = {"database_up": 0, "backlog": {}}
         try:
             with anyio.fail_after(_SCRAPE_TIMEOUT_S):
-                async with state.reader.connect() as conn:
+                async with reader.connect() as conn:
                     rows = (await conn.execute(_BACKLOG)).all()
             scraped["backlog"] = {row[0]: (int(row[1]), float(row[2] or 0.0)) for row in rows}
             scraped["database_up"] = 1
         except Exception as exc:  # a scrape must answer even when the database does not
             log.warning("metrics: the backlog query failed: %s", exc.__class__.__name__)
-        usage = await anyio.to_thread.run_sync(disk_usage, state.storage)
+        usage = await anyio.to_thread.run_sync(storage.usage)
         scraped["disk"] = (usage.total - usage.free, usage.free)
-        replicator = state.replicator
-        scraped["push_failures"] = replicator.push_failures if replicator is not None else 0
+        scraped["push_failures"] = push_failures
         self._scraped = scraped
 
     def collect(self) -> Iterable[Metric]:
@@ -245,8 +245,10 @@ class _Exchange:
 
 async def metrics_endpoint(request: Request) -> Response:
     """Prometheus text format (or OpenMetrics when the scraper asks for it)."""
-    metrics: Metrics = request.app.state.metrics
-    await metrics.refresh(request.app.state)
+    state = request.app.state
+    metrics: Metrics = state.metrics
+    await metrics.refresh(state.reader, state.storage,
+                          state.replicator.push_failures if state.replicator is not None else 0)
     encoder, content_type = choose_encoder(request.headers.get("accept", ""))
     return Response(encoder(metrics.registry), media_type=content_type,
                     headers={"Cache-Control": "no-store"})

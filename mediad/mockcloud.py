@@ -5,8 +5,9 @@ so they survive restarts, and injectable faults (503s, delays, corrupted answers
 so the cloud replication of mediad can be tested against a misbehaving peer.
 
 Layout under the data dir: `objects/<h[:2]>/<h>.json` (h = sha256 of the key) names the object's
-key, size, sha256 and blob; the bytes are `files/ab/cd/<blob uuid>`, written by the same
-`BlobWriter` mediad uses for uploads. Replacing the sidecar with one rename is the commit point,
+key, size, sha256 and blob; the bytes are `files/ab/cd/<blob uuid>`. A fake shares no code with
+what it fakes: its writer and range reading are its own, small and slow-but-simple, so a bug in
+mediad's cannot hide in both. Replacing the sidecar with one rename is the commit point,
 so a reader never sees new bytes with old metadata. A crash between the blob's rename and the
 sidecar's leaves an orphan blob, which is harmless here.
 """
@@ -23,6 +24,7 @@ import logging
 import math
 import os
 import random
+import re
 import secrets
 import signal
 import sys
@@ -41,7 +43,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from .downloads import parse_ranges
 from .errors import (
     BadRequest,
     MediaError,
@@ -52,12 +53,13 @@ from .errors import (
     error_response,
     problem,
 )
-from .storage import Blob, Storage, fsync_dir
+from .storage import fsync_dir  # an OS helper; the mock's writing and range reading are its own
 
 log = logging.getLogger("mediad.mockcloud")
 
-_MAX_OBJECT = 1 << 40  # no real limit; BlobWriter wants one
 _CHUNK = 256 * 1024
+_WRITE_BATCH = 1 << 20  # bytes per hop to a worker thread
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 _RATES = ("fail_rate", "cut_rate", "truncate_rate")
 _ENV = {"fail_rate": "MOCKCLOUD_FAIL_RATE", "delay_s": "MOCKCLOUD_DELAY_S",
         "cut_rate": "MOCKCLOUD_CUT_RATE", "truncate_rate": "MOCKCLOUD_TRUNCATE_RATE",
@@ -135,8 +137,9 @@ class _Cloud:
     def __init__(self, data_dir: Path, token: str, faults: Faults) -> None:
         if not token:
             raise ValueError("the mock cloud needs a non-empty token")
-        self.storage = Storage(data_dir)
-        self.objects = self.storage.root / "objects"
+        self.root = data_dir.resolve()
+        self.tmp_dir = self.root / "tmp"
+        self.objects = self.root / "objects"
         self.token = token.encode()
         self.faults = faults
         self.counts: Counter[str] = Counter()
@@ -147,11 +150,17 @@ class _Cloud:
         self.commit_lock = asyncio.Lock()
 
     def prepare(self) -> None:
-        self.storage.prepare()
-        self.objects.mkdir(exist_ok=True)
+        for directory in (self.tmp_dir, self.root / "files", self.objects):
+            directory.mkdir(parents=True, exist_ok=True)
         # Left by a crash mid-PUT. (So one data dir serves one mock cloud process at a time.)
-        for stale in self.storage.tmp_dir.iterdir():
+        for stale in self.tmp_dir.iterdir():
             stale.unlink(missing_ok=True)
+
+    def blob_path(self, blob: str) -> Path:
+        return self.root / "files" / blob[:2] / blob[2:4] / blob
+
+    def remove_blob(self, blob: str) -> None:
+        self.blob_path(blob).unlink(missing_ok=True)
 
     def sidecar(self, key: str) -> Path:
         digest = hashlib.sha256(key.encode()).hexdigest()
@@ -170,21 +179,24 @@ class _Cloud:
             if meta is None:
                 return None
             try:
-                return meta, os.open(self.storage.blob_path(uuid.UUID(meta.blob)), os.O_RDONLY | os.O_CLOEXEC)
+                return meta, os.open(self.blob_path(meta.blob), os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 continue  # replaced or deleted between the two reads: look again
         return None
 
-    def commit(self, key: str, blob: Blob) -> None:
-        blob_id = uuid.uuid4()
-        self.storage.commit(blob, blob_id)
+    def commit(self, key: str, received: _Received) -> None:
+        blob_id = uuid.uuid4().hex
+        final_blob = self.blob_path(blob_id)
+        final_blob.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(received.path, final_blob)
+        fsync_dir(final_blob.parent)
         old = self.read_meta(key)
-        meta = _Meta(key, blob.size, blob.sha256, blob_id.hex)
+        meta = _Meta(key, received.size, received.sha256, blob_id)
         final = self.sidecar(key)
         if not final.parent.is_dir():
             final.parent.mkdir(exist_ok=True)
             fsync_dir(self.objects)
-        temp = self.storage.tmp_dir / f"{blob_id.hex}.json.part"
+        temp = self.tmp_dir / f"{blob_id}.json.part"
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
         try:
             os.write(fd, json.dumps(asdict(meta), ensure_ascii=False).encode())
@@ -194,14 +206,14 @@ class _Cloud:
         os.replace(temp, final)
         fsync_dir(final.parent)
         if old is not None:
-            self.storage.remove_blob(uuid.UUID(old.blob))
+            self.remove_blob(old.blob)
 
     def delete(self, key: str) -> None:
         old = self.read_meta(key)
         if old is not None:
             self.sidecar(key).unlink(missing_ok=True)
             fsync_dir(self.sidecar(key).parent)
-            self.storage.remove_blob(uuid.UUID(old.blob))
+            self.remove_blob(old.blob)
 
     def count_objects(self) -> int:
         return sum(1 for _ in self.objects.glob("*/*.json"))
@@ -236,27 +248,83 @@ async def _enter_objects(request: Request, counter: str) -> tuple[_Cloud, str]:
 async def put_object(request: Request) -> Response:
     cloud, key = await _enter_objects(request, "puts")
     expected = request.headers.get("x-content-sha256", "").strip().lower() or None
-    writer = cloud.storage.open_writer(_MAX_OBJECT)
+    received = _Received(cloud.tmp_dir / f"{uuid.uuid4().hex}.part")
     try:
-        async for chunk in request.stream():
-            await writer.write(chunk)
-        blob = await writer.finish()
-        if expected is not None and expected != blob.sha256:
-            raise BadRequest(f"the body's sha256 is {blob.sha256}, not the x-content-sha256 sent")
+        await received.receive(request.stream())
+        if expected is not None and expected != received.sha256:
+            raise BadRequest(f"the body's sha256 is {received.sha256}, not the x-content-sha256 sent")
         if cloud.faults.roll(cloud.faults.cut_rate):
-            await writer.abort()  # a corrupted upload: the client is told a wrong digest
-            wrong = hashlib.sha256(blob.sha256.encode()).hexdigest()
-            return JSONResponse({"key": key, "size": blob.size, "sha256": wrong}, status_code=201)
+            await received.discard()  # a corrupted upload: the client is told a wrong digest
+            wrong = hashlib.sha256(received.sha256.encode()).hexdigest()
+            return JSONResponse({"key": key, "size": received.size, "sha256": wrong}, status_code=201)
         async with cloud.commit_lock:
-            await anyio.to_thread.run_sync(cloud.commit, key, blob)
+            await anyio.to_thread.run_sync(cloud.commit, key, received)
     except ClientDisconnect:
-        await writer.abort()
+        await received.discard()
         return problem(400, "the client went away before the body was complete")  # nobody reads it
     except BaseException:
-        await writer.abort()
+        await received.discard()
         raise
     cloud.stored_keys[key] += 1
-    return JSONResponse({"key": key, "size": blob.size, "sha256": blob.sha256}, status_code=201)
+    return JSONResponse({"key": key, "size": received.size, "sha256": received.sha256}, status_code=201)
+
+
+class _Received:
+    """One PUT body in a temp file, hashed as it goes: batches of ~1 MiB, each hashed and written
+    in a worker thread, fsynced at the end."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.size = 0
+        self.sha256 = ""
+        self._hash = hashlib.sha256()
+
+    async def receive(self, stream: AsyncIterator[bytes]) -> None:
+        fd = await anyio.to_thread.run_sync(os.open, self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            batch: list[bytes] = []
+            async for chunk in stream:
+                batch.append(chunk)
+                if sum(map(len, batch)) >= _WRITE_BATCH:
+                    await anyio.to_thread.run_sync(self._write, fd, b"".join(batch))
+                    batch = []
+            await anyio.to_thread.run_sync(self._write, fd, b"".join(batch))
+            await anyio.to_thread.run_sync(os.fsync, fd)
+        finally:
+            os.close(fd)
+        self.sha256 = self._hash.hexdigest()
+
+    def _write(self, fd: int, data: bytes) -> None:
+        self._hash.update(data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        self.size += len(data)
+
+    async def discard(self) -> None:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(lambda: self.path.unlink(missing_ok=True))
+
+
+def _one_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The one byte range [start, end) asked for, or None for the whole body: several ranges and
+    malformed headers are answered whole, as RFC 9110 §14.2 allows (a cloud client asks for one
+    span at a time). A range that starts past the end raises 416."""
+    match = _RANGE.fullmatch(header.strip()) if header else None
+    if match is None or match.group(0) == "bytes=-":
+        return None
+    first, last = match.groups()
+    if not first:  # a suffix: the last `last` bytes
+        suffix = int(last)
+        if suffix == 0 or size == 0:
+            raise RangeNotSatisfiable(size)
+        return max(size - suffix, 0), size
+    start = int(first)
+    if last and int(last) < start:
+        return None
+    if start >= size:
+        raise RangeNotSatisfiable(size)
+    return start, min(int(last) + 1, size) if last else size
 
 
 async def get_object(request: Request) -> _ObjectResponse:
@@ -269,15 +337,13 @@ async def get_object(request: Request) -> _ObjectResponse:
     headers = {"etag": f'"{meta.sha256}"', "accept-ranges": "bytes", "x-content-sha256": meta.sha256,
                "content-type": "application/octet-stream"}
     try:
-        ranges = parse_ranges(request.headers.get("range"), meta.size)
+        span = _one_range(request.headers.get("range"), meta.size)
     except RangeNotSatisfiable:
         os.close(fd)
         raise
-    # Several (non-adjacent) ranges are answered with the whole body, 200: RFC 9110 §14.2 lets a
-    # server ignore Range, and a cloud client asks for one span at a time.
     status, (start, end) = 200, (0, meta.size)
-    if ranges is not None and len(ranges) == 1:
-        status, (start, end) = 206, ranges[0]
+    if span is not None:
+        status, (start, end) = 206, span
         headers["content-range"] = f"bytes {start}-{end - 1}/{meta.size}"
     headers["content-length"] = str(end - start)
     truncate = not head and cloud.faults.roll(cloud.faults.truncate_rate)
@@ -371,8 +437,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def create_mock_cloud(data_dir: Path, token: str, faults: Faults | None = None) -> Starlette:
-    """The mock cloud app; `faults` None means the MOCKCLOUD_* variables of the environment."""
-    cloud = _Cloud(data_dir, token, faults if faults is not None else Faults.from_env(os.environ))
+    """The mock cloud app; `faults` None means none injected."""
+    cloud = _Cloud(data_dir, token, faults if faults is not None else Faults())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -396,10 +462,10 @@ def create_mock_cloud(data_dir: Path, token: str, faults: Faults | None = None) 
     return app
 
 
-def run_mock_cloud(host: str, port: int, data_dir: Path, token: str) -> None:
+def run_mock_cloud(host: str, port: int, data_dir: Path, token: str, faults: Faults) -> None:
     import uvicorn
 
-    config = uvicorn.Config(create_mock_cloud(data_dir, token), host=host, port=port, log_config=None,
+    config = uvicorn.Config(create_mock_cloud(data_dir, token, faults), host=host, port=port, log_config=None,
                             timeout_graceful_shutdown=5, server_header=False)
     uvicorn.Server(config).run()
 
@@ -418,13 +484,15 @@ def _ignore_signal(signum: int, frame: object) -> None:
     """uvicorn re-raises SIGINT/SIGTERM after a graceful stop; this makes that a no-op (exit 0)."""
 
 
-def main_from_args(args: argparse.Namespace) -> int:
-    token = args.token or os.environ.get("MEDIAD_CLOUD_TOKEN")
+def main_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    """`mediad mock-cloud`: a program of its own, configured by its MOCKCLOUD_* variables and the
+    token in MEDIAD_CLOUD_TOKEN (read here, once, from `environ`)."""
+    token = args.token or environ.get("MEDIAD_CLOUD_TOKEN")
     if not token:
         token = secrets.token_urlsafe(32)
         print(f"mock cloud token: {token}", flush=True)
     try:
-        Faults.from_env(os.environ)  # fail at start, with the variable's name, not in the app
+        faults = Faults.from_env(environ)  # fail at start, with the variable's name, not in the app
     except ValueError as exc:
         print(f"mediad: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -435,5 +503,5 @@ def main_from_args(args: argparse.Namespace) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _ignore_signal)
     log.info("mock cloud on http://%s:%d, data in %s", args.host, args.port, Path(args.data_dir).resolve())
-    run_mock_cloud(args.host, args.port, Path(args.data_dir), token)
+    run_mock_cloud(args.host, args.port, Path(args.data_dir), token, faults)
     return 0

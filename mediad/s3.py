@@ -35,6 +35,7 @@ from botocore.credentials import Credentials  # type: ignore[import-untyped]
 
 from .cloud import CloudError, ranged_body
 from .config import Settings
+from .writer import TruncatedFile, read_span
 
 log = logging.getLogger("mediad.s3")
 
@@ -71,16 +72,10 @@ def _xml_text(body: bytes, tag: str) -> str | None:
 
 def _read(fd: int, offset: int, length: int, *hashes: Any) -> bytes:
     """`length` bytes at `offset`, fed to each hash (in a worker thread: hashlib drops the GIL)."""
-    chunks: list[bytes] = []
-    done = 0
-    while done < length:
-        chunk = os.pread(fd, length - done, offset + done)
-        if not chunk:
-            raise CloudError("the local file is shorter than its recorded size")
-        for hash_ in hashes:
-            hash_.update(chunk)
-        chunks.append(chunk)
-        done += len(chunk)
+    try:
+        chunks = list(read_span(fd, offset, length, hashes))
+    except TruncatedFile:
+        raise CloudError("the local file is shorter than its recorded size") from None
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import mimetypes
-import os
-import re
-import unicodedata
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from email.message import Message
@@ -13,16 +9,14 @@ from email.utils import collapse_rfc2231_value
 from typing import Any
 
 import anyio
-import filetype
 from sqlalchemy.engine import Row
-from sqlalchemy.ext.asyncio import AsyncConnection
-from starlette.datastructures import State
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
 from . import db, webhooks
 from .auth import authenticate
-from .cloud import cloud_key
+from .cloud import Replicator, cloud_key
 from .errors import BadRequest, InsufficientStorage, PayloadTooLarge, Unprocessable
 from .files import file_json
 from .formdata import (
@@ -36,102 +30,37 @@ from .formdata import (
     ValueTarget,
     parse_content_boundary,
 )
-from .storage import Blob, BlobWriter, is_disk_full
+from .names import (
+    MAX_PATH_CHARS,
+    clean_name,
+    clean_path,
+    detect_format,
+    extension_of,
+    filename_from_disposition,
+    media_type,
+    place,
+)
+from .storage import Blob, Storage, is_disk_full
+from .writer import BlobWriter
+
+__all__ = ["clean_name", "clean_path", "commit_upload", "place", "receive_multipart"]
 
 MULTIPART_ENVELOPE = 64 * 1024  # allowance for boundaries and part headers over the file's bytes
 MAX_PARTS = 100  # a file, a path and whatever else a web form sends along
 MAX_PART_HEADER_BYTES = MULTIPART_ENVELOPE  # the headers of all parts together
-_MAX_NAME_CHARS = 1024
-_MAX_PATH_CHARS = 4096
-_SEPARATORS = re.compile(r"[/\\]")
-
-
-# ---- names and paths (pure) ---------------------------------------------------------------------
-
-def _has_control(text: str) -> bool:
-    return any(unicodedata.category(ch) == "Cc" for ch in text)
-
-
-def clean_name(raw: str) -> str:
-    """The client's file name as metadata: last path component, NFC; never a disk path."""
-    if _has_control(raw):
-        raise Unprocessable("the file name contains NUL or control characters")
-    name = unicodedata.normalize("NFC", _SEPARATORS.split(raw)[-1])
-    if name in ("", ".", ".."):
-        raise Unprocessable(f"{raw!r} is not a usable file name")
-    if len(name) > _MAX_NAME_CHARS:
-        raise Unprocessable(f"the file name is longer than {_MAX_NAME_CHARS} characters")
-    return name
-
-
-def clean_path(raw: str) -> str:
-    """An absolute virtual path, `//` collapsed; a trailing `/` marks a folder."""
-    if _has_control(raw):
-        raise Unprocessable("the path contains NUL or control characters")
-    if not raw.startswith("/"):
-        raise Unprocessable("the path must be absolute (start with /)")
-    if "\\" in raw:
-        raise Unprocessable("the path must not contain backslashes")
-    path = re.sub(r"/{2,}", "/", unicodedata.normalize("NFC", raw))
-    if any(segment in (".", "..") for segment in path.split("/")):
-        raise Unprocessable("the path must not contain . or .. segments")
-    if len(path) > _MAX_PATH_CHARS:
-        raise Unprocessable(f"the path is longer than {_MAX_PATH_CHARS} characters")
-    return path
-
-
-def place(path: str | None, name: str | None) -> tuple[str, str | None]:
-    """(name, path) of the File: a folder path keeps the file's own name inside it; a full path
-    names the file itself."""
-    if path is not None and not path.endswith("/"):
-        return clean_name(path.rsplit("/", 1)[-1]), path
-    if name is None:
-        raise Unprocessable("a file name is required: a filename in the upload, ?name= or a path")
-    name = clean_name(name)
-    return name, (path + name if path is not None else None)
-
-
-def extension_of(name: str) -> str:
-    return os.path.splitext(name)[1][1:].lower()
-
-
-def detect_format(head: bytes, name: str) -> str:
-    """MIME type from the leading bytes, then the name's extension; the client's type is ignored."""
-    kind = filetype.guess(head) if head else None
-    if kind is not None:
-        return str(kind.mime)
-    return mimetypes.guess_type(name, strict=False)[0] or "application/octet-stream"
-
-
-def filename_from_disposition(header: str | None) -> str | None:
-    """The filename (or RFC 6266 filename*) of a Content-Disposition header."""
-    if not header:
-        return None
-    try:  # Starlette decodes headers as latin-1; clients that send raw UTF-8 mean UTF-8
-        header = header.encode("latin-1").decode("utf-8")
-    except UnicodeError:
-        pass
-    message = Message()
-    message["content-disposition"] = header
-    # RFC 6266 §4.3: filename* wins over the plain fallback wherever it appears; the email
-    # package decodes both to "filename", telling the extended one apart only as a tuple.
-    params = message.get_params(header="content-disposition") or []
-    for key, value in params:
-        if key.lower() == "filename" and isinstance(value, tuple):
-            return str(collapse_rfc2231_value(value))
-    filename = message.get_filename()
-    return str(filename) if filename is not None else None
 
 
 # ---- committing ---------------------------------------------------------------------------------
 
-async def commit_upload(state: State, owner_id: uuid.UUID, blob: Blob, *, name: str, path: str | None,
-                        also: Callable[[AsyncConnection, Row[Any]], Awaitable[None]] | None = None
-                        ) -> tuple[Row[Any], bool]:
+AlsoInTransaction = Callable[[AsyncConnection, Row[Any]], Awaitable[None]]
+
+
+async def commit_upload(engine: AsyncEngine, storage: Storage, replicator: Replicator | None,
+                        owner_id: uuid.UUID, blob: Blob, *, name: str, path: str | None,
+                        also: AlsoInTransaction | None = None) -> tuple[Row[Any], bool]:
     """Turn a finished temp file into a File: into place durably, then the row (insert or replace
     at `path`). Returns the row and whether it replaced an existing file. The one path every kind
     of upload takes; on any failure the blob is gone and no row was written."""
-    storage = state.storage
     blob_id = uuid.uuid4()
     values = {
         "id": uuid.uuid4(), "owner_id": owner_id, "name": name, "extension": extension_of(name),
@@ -145,24 +74,34 @@ async def commit_upload(state: State, owner_id: uuid.UUID, blob: Blob, *, name: 
             raise InsufficientStorage("the server's disk is full") from exc
         raise
     try:
-        async with state.engine.begin() as conn:
-            row, displaced = await db.put_file(conn, values)
-            await webhooks.emit_file(conn, "file.replaced" if displaced else "file.created", row, storage.node_id)
-            if also is not None:  # more rows that stand or fall with this File (a record)
-                await also(conn, row)
-            if displaced is not None:  # the old content's cloud copy goes too, with retries
-                await db.queue_deletion(conn, cloud_key(displaced))
+        async with engine.begin() as conn:
+            row, displaced = await file_from_upload(conn, values, also)
     except BaseException:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(storage.remove_blob, blob_id)
         raise
     if displaced is not None:
         await anyio.to_thread.run_sync(storage.remove_blob, displaced)
-    if state.replicator is not None:
-        state.replicator.enqueue(row.id)
+    if replicator is not None:
+        replicator.enqueue(row.id)
         if displaced is not None:
-            state.replicator.deletions_queued()
+            replicator.deletions_queued()
     return row, displaced is not None
+
+
+async def file_from_upload(conn: AsyncConnection, values: dict[str, Any], also: AlsoInTransaction | None
+                           ) -> tuple[Row[Any], uuid.UUID | None]:
+    """Where an upload becomes a File, inside the one transaction that stands or falls with it:
+    the row (inserted, or replacing the file at its path), `also` (a record's row), and the cloud
+    deletion of displaced content. Work that must commit with every new File belongs here.
+    → (the row, the blob id of the content it displaced, if any)."""
+    row, displaced = await db.put_file(conn, values)
+    await webhooks.emit_file(conn, "file.replaced" if displaced else "file.created", row, row.node)
+    if also is not None:
+        await also(conn, row)
+    if displaced is not None:  # the old content's cloud copy goes too, with retries
+        await db.queue_deletion(conn, cloud_key(displaced))
+    return row, displaced
 
 
 # ---- receiving ----------------------------------------------------------------------------------
@@ -176,12 +115,12 @@ def _declared_length(request: Request) -> int | None:
     return int(value)
 
 
-def _check_declared(request: Request, limit: int, what: str) -> int | None:
+def _check_declared(request: Request, storage: Storage, limit: int, what: str) -> int | None:
     declared = _declared_length(request)
     if declared is not None:
         if declared > limit:
             raise PayloadTooLarge(f"the {what} declares {declared} bytes, over the limit of {limit}")
-        request.app.state.storage.check_reserve(declared)
+        storage.check_reserve(declared)
     return declared
 
 
@@ -218,101 +157,114 @@ class _TextField(ValueTarget):
     """A small text field, counting parts: the parser would concatenate a repeated field."""
 
     def __init__(self) -> None:
-        super().__init__(validator=MaxSizeValidator(_MAX_PATH_CHARS * 4))
+        super().__init__(validator=MaxSizeValidator(MAX_PATH_CHARS * 4))
         self.parts = 0
 
     def on_start(self) -> None:
         self.parts += 1
 
 
-async def receive_multipart(request: Request, writer: BlobWriter,
-                            fields: tuple[str, ...] = ("path",)) -> tuple[str | None, dict[str, str]]:
-    """Stream the one `file` part into `writer`; → (its filename, the text `fields` present)."""
-    max_bytes = request.app.state.settings.max_upload_bytes
-    _check_declared(request, max_bytes + MULTIPART_ENVELOPE, "multipart body")
-    try:
-        parser = StreamingFormDataParser(headers=request.headers)
-        envelope = Envelope(parse_content_boundary(request.headers), max_parts=MAX_PARTS,
-                            max_header_bytes=MAX_PART_HEADER_BYTES)
-    except ParseFailedException as exc:
-        raise BadRequest(f"malformed multipart/form-data: {exc}") from None
-    part = _FilePart()
-    texts = {name: _TextField() for name in fields}
-    parser.register("file", part)
-    for name, target in texts.items():
-        parser.register(name, target)
+class _Form:
+    """One multipart body as it streams past: the framing checks, the parser and its targets."""
 
-    received = 0
-    async for chunk in _body(request):
-        received += len(chunk)
-        if received > max_bytes + MULTIPART_ENVELOPE:
-            raise PayloadTooLarge(f"the multipart body is over the limit of {max_bytes} bytes plus envelope")
+    def __init__(self, request: Request, fields: tuple[str, ...]) -> None:
         try:
-            envelope.feed(chunk)  # first: what is over a cap never reaches the parser's buffers
-            parser.data_received(chunk)
+            self.parser = StreamingFormDataParser(headers=request.headers)
+            self.envelope = Envelope(parse_content_boundary(request.headers), max_parts=MAX_PARTS,
+                                     max_header_bytes=MAX_PART_HEADER_BYTES)
+        except ParseFailedException as exc:
+            raise BadRequest(f"malformed multipart/form-data: {exc}") from None
+        self.fields = fields
+        self.file = _FilePart()
+        self.texts = {name: _TextField() for name in fields}
+        self.parser.register("file", self.file)
+        for name, target in self.texts.items():
+            self.parser.register(name, target)
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """Parse one chunk; → the `file` part's bytes in it."""
+        try:
+            self.envelope.feed(chunk)  # first: what is over a cap never reaches the parser's buffers
+            self.parser.data_received(chunk)
         except LimitExceeded as exc:
             raise BadRequest(str(exc)) from None
         except ValidationError:
-            raise Unprocessable(f"a text field ({', '.join(fields)}) is too long") from None
+            raise Unprocessable(f"a text field ({', '.join(self.fields)}) is too long") from None
         except (ParseFailedException, UnicodeDecodeError) as exc:  # part headers must be UTF-8
             raise BadRequest(f"malformed multipart/form-data: {exc}") from None
-        if part.parts > 1:
+        if self.file.parts > 1:
             raise BadRequest("the body has more than one part named 'file'")
-        for name, target in texts.items():
+        for name, target in self.texts.items():
             if target.parts > 1:
                 raise BadRequest(f"the body has more than one field named {name!r}")
-        for data in part.pending:
+        data, self.file.pending = self.file.pending, []
+        return data
+
+    def end(self) -> tuple[str | None, dict[str, str]]:
+        """The body is over: → (the `file` part's filename, the text fields present)."""
+        if self.file.parts == 0:
+            raise BadRequest("the multipart body has no part named 'file'")
+        # The parser does not notice a body cut off before its close delimiter.
+        if not self.envelope.closed or not self.file.finished:
+            raise BadRequest("the multipart body ended before its closing boundary")
+        values = {}
+        for name, target in self.texts.items():
+            if target.parts:
+                try:
+                    values[name] = target.value.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise Unprocessable(f"the {name} field is not valid UTF-8") from None
+        return _file_part_filename(self.envelope.dispositions), values
+
+
+async def receive_multipart(request: Request, writer: BlobWriter, storage: Storage, max_bytes: int,
+                            fields: tuple[str, ...] = ("path",)) -> tuple[str | None, dict[str, str]]:
+    """Stream the one `file` part into `writer`; → (its filename, the text `fields` present)."""
+    limit = max_bytes + MULTIPART_ENVELOPE
+    _check_declared(request, storage, limit, "multipart body")
+    form = _Form(request, fields)
+    received = 0
+    async for chunk in _body(request):
+        received += len(chunk)
+        if received > limit:
+            raise PayloadTooLarge(f"the multipart body is over the limit of {max_bytes} bytes plus envelope")
+        for data in form.feed(chunk):
             await writer.write(data)
-        part.pending.clear()
-
-    if part.parts == 0:
-        raise BadRequest("the multipart body has no part named 'file'")
-    # The parser does not notice a body cut off before its close delimiter.
-    if not envelope.closed or not part.finished:
-        raise BadRequest("the multipart body ended before its closing boundary")
-    values = {}
-    for name, target in texts.items():
-        if target.parts:
-            try:
-                values[name] = target.value.decode("utf-8")
-            except UnicodeDecodeError:
-                raise Unprocessable(f"the {name} field is not valid UTF-8") from None
-    return _file_part_filename(envelope.dispositions, part.multipart_filename), values
+    return form.end()
 
 
-def _file_part_filename(dispositions: list[str], parsed: str | None) -> str | None:
-    """The `file` part's filename read from its raw Content-Disposition, as for a request header:
+def _file_part_filename(dispositions: list[str]) -> str | None:
+    """The `file` part's filename, read from its raw Content-Disposition as for a request header:
     the parser's own reading unescapes every backslash in a quoted filename, but browsers send a
     Windows path's backslashes raw (WHATWG), and those separators must survive to be split on."""
     for header in dispositions:
         message = Message()
         message["content-disposition"] = header
-        if message.get_param("name", header="content-disposition") == "file":
+        name = message.get_param("name", header="content-disposition")
+        if name is not None and collapse_rfc2231_value(name) == "file":  # name= or RFC 2231 name*=
             return filename_from_disposition(header)
-    return parsed  # a name the parser matched in some other spelling (RFC 2231 name*=)
-
-
-async def _receive_raw(request: Request, writer: BlobWriter) -> None:
-    _check_declared(request, request.app.state.settings.max_upload_bytes, "body")
-    async for chunk in _body(request):
-        await writer.write(chunk)
+    return None
 
 
 async def _store(request: Request, owner_id: uuid.UUID, *, multipart: bool, name: str | None,
                  path: str | None) -> tuple[Row[Any], bool]:
     state = request.app.state
-    writer = state.storage.open_writer(state.settings.max_upload_bytes)
+    storage: Storage = state.storage
+    max_bytes: int = state.settings.max_upload_bytes
+    writer = BlobWriter.create(storage, max_bytes=max_bytes)
     try:
         if multipart:
-            filename, values = await receive_multipart(request, writer)
+            filename, values = await receive_multipart(request, writer, storage, max_bytes)
             path_value = values.get("path")
             path = clean_path(path_value) if path_value else path  # the field, else ?path=
             name, path = place(path, filename or name)
         else:
-            await _receive_raw(request, writer)
+            _check_declared(request, storage, max_bytes, "body")
+            async for chunk in _body(request):
+                await writer.write(chunk)
             name, path = place(path, name)
         blob = await writer.finish()
-        return await commit_upload(state, owner_id, blob, name=name, path=path)
+        return await commit_upload(state.engine, storage, state.replicator, owner_id, blob, name=name, path=path)
     except BaseException:
         await writer.abort()
         raise
@@ -325,8 +277,7 @@ def _created(row: Row[Any], replaced: bool, node: uuid.UUID | None) -> JSONRespo
 
 async def post_files(request: Request) -> JSONResponse:
     owner_id = await authenticate(request)
-    content_type = request.headers.get("content-type", "")
-    multipart = content_type.split(";", 1)[0].strip().lower() == "multipart/form-data"
+    multipart = media_type(request.headers.get("content-type")) == "multipart/form-data"
     name = request.query_params.get("name") or filename_from_disposition(
         request.headers.get("content-disposition"))
     raw_path = request.query_params.get("path")

@@ -1,6 +1,6 @@
 """Soak mediad with a mixed load and check that it stays correct, small and leak-free (issue 13).
 
-    python ops/soak.py [--clients 64] [--duration 120] [--seed 13] [--shared-pool] [--mix range=100]
+    python -m ops.soak [--clients 64] [--duration 120] [--seed 13] [--shared-pool] [--mix range=100]
                        [--url http://127.0.0.1:8000 [--pid PID] [--pgdata DIR]]
 
 Without --url it starts `mediad serve` on the embedded defaults (its own PostgreSQL and mock
@@ -25,7 +25,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -34,8 +33,7 @@ from pathlib import Path
 
 import httpx
 
-# ops/ is sys.path[0] when this runs as a script: reuse the benchmark's process helpers.
-from bench import cpu_seconds, descendants, free_port, percentile, run_async, running
+from ops.harness import Sampler, cpu_seconds, descendants, free_port, percentile, run_async, running
 
 MiB = 1 << 20
 USERS, SEED_FILES = 8, 32
@@ -331,27 +329,19 @@ def postgres_cpu(postmaster: int | None) -> float | None:
     return None
 
 
-class MemorySampler:
+class MemorySampler(Sampler):
     """In a thread: VmRSS of the mediad process, VmRSS of its other descendants (the mock cloud;
-    migrate and ffmpeg while they run) and the Pss sum of the PostgreSQL tree every `interval` s;
+    migrate and ffmpeg while they run) and the Pss sum of the PostgreSQL tree every `every` s;
     the postmaster's children every 50 ms, to count the backends started meanwhile."""
 
-    def __init__(self, pid: int, pgdata: Path | None, interval: float = 0.2) -> None:
-        self.pid, self.interval = pid, interval
+    def __init__(self, pid: int, pgdata: Path | None, every: float = 0.2) -> None:
+        super().__init__(0.05)
+        self.pid, self.every = pid, every
         self.postmaster = postmaster_pid(pgdata)
         self.peak = {"mediad": 0, "children": 0, "total": 0, "postgres": 0}  # KiB
         self._backends_before = set(descendants(self.postmaster)) if self.postmaster else set()
         self.backends_seen: set[int] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> MemorySampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+        self._ticks = 0
 
     @property
     def backends_started(self) -> int:
@@ -370,24 +360,20 @@ class MemorySampler:
         now["total"] = now["mediad"] + now["children"]
         return now
 
-    def _run(self) -> None:
-        ticks = 0
-        while True:
-            if self.postmaster is not None:
-                self.backends_seen.update(descendants(self.postmaster))
-            if ticks % max(1, round(self.interval / 0.05)) == 0:
-                with contextlib.suppress(OSError):  # the server may be gone: keep the peaks so far
-                    for key, value in self.sample().items():
-                        self.peak[key] = max(self.peak[key], value)
-            ticks += 1
-            if self._stop.wait(0.05):
-                return
+    def tick(self) -> None:
+        if self.postmaster is not None:
+            self.backends_seen.update(descendants(self.postmaster))
+        if self._ticks % max(1, round(self.every / self.interval)) == 0:
+            with contextlib.suppress(OSError):  # the server may be gone: keep the peaks so far
+                for key, value in self.sample().items():
+                    self.peak[key] = max(self.peak[key], value)
+        self._ticks += 1
 
 
 @contextlib.contextmanager
 def mediad_serve(data_dir: Path) -> Iterator[tuple[str, int]]:
     """`mediad serve` on the embedded defaults with `data_dir`; (base URL, pid). On exit SIGTERM and
-    a wait (bench.running), then a check that nothing started under `data_dir` outlived it."""
+    a wait (harness.running), then a check that nothing started under `data_dir` outlived it."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEDIAD_")}
     env.update(MEDIAD_DATA_DIR=str(data_dir), MEDIAD_PORT=str(port), MEDIAD_HOST="127.0.0.1")

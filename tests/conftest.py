@@ -11,8 +11,6 @@ import contextlib
 import hashlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -35,6 +33,7 @@ from mediad.config import Settings
 from mediad.embedded import embedded_postgres
 from mediad.mockcloud import Faults, create_mock_cloud
 from mediad.server import uvicorn_config
+from ops.harness import free_port, running
 
 TEST_MAX_UPLOAD = 64 * 1024 * 1024
 
@@ -140,12 +139,6 @@ def serve_in_thread(settings: Settings, database_url: str) -> Iterator[Server]:
         yield Server(url, settings.data_dir, database_url)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextlib.contextmanager
 def mediad_process(data_dir: Path, *, database_url: str | None, server: str = "uvicorn",
                    env: dict[str, str] | None = None, log_path: Path | None = None) -> Iterator[Server]:
@@ -160,32 +153,10 @@ def mediad_process(data_dir: Path, *, database_url: str | None, server: str = "u
     full_env.update(env or {})
     log_path = log_path or data_dir.parent / f"mediad-{port}.log"
     data_dir.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "mediad.cli", "serve", "--server", server],
-                                env=full_env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mediad exited with {proc.returncode}: {log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"mediad did not become healthy: {log_path.read_text()[-3000:]}")
-            time.sleep(0.1)
+    with running([sys.executable, "-m", "mediad.cli", "serve", "--server", server], full_env, url + "/health",
+                 log_path, start_timeout=90, stop_timeout=30) as proc:
         yield Server(url, data_dir, database_url or "", proc)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def make_settings(data_dir: Path, **overrides: Any) -> Settings:
@@ -273,13 +244,14 @@ async def other_user(client: httpx.AsyncClient) -> User:
 
 
 async def upload(http: httpx.AsyncClient, user: User, data: bytes, *, name: str = "data.bin",
-                 path: str | None = None) -> dict[str, Any]:
-    """A raw upload (PUT to `path`, else POST with `name`) that must succeed and store `data`."""
+                 path: str | None = None, replaces: bool = False) -> dict[str, Any]:
+    """A raw upload (PUT to `path`, else POST with `name`) that must store `data`: 201, or 200 when
+    it `replaces` the file at `path`."""
     if path is not None:
         response = await http.put("/files", headers=user.auth, params={"path": path}, content=data)
     else:
         response = await http.post("/files", headers=user.auth, params={"name": name}, content=data)
-    assert response.status_code in (200, 201), response.text
+    assert response.status_code == (200 if replaces else 201), response.text
     file: dict[str, Any] = response.json()
     assert file["sha256"] == hashlib.sha256(data).hexdigest() and file["size"] == len(data)
     return file
@@ -492,3 +464,88 @@ def receiver() -> Iterator[Receiver]:
         yield running
     finally:
         running.stop()
+
+
+# ---- S3: moto's server, and boto3 as an independent client ------------------------------------
+
+REGION = "eu-central-1"  # not us-east-1, so that bucket creation sends a LocationConstraint
+
+
+@dataclass
+class Moto:
+    url: str
+    access_key: str
+    secret_key: str
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Moto]:
+    """moto's server in a subprocess, with an IAM user and signature checks on: from then on it
+    rejects any request whose SigV4 signature is wrong, as S3 does (it checks no content hash)."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(url + "/moto-api/", timeout=1)
+                break
+            except httpx.TransportError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto did not start: {log_path.read_text()[-2000:]}") from None
+                time.sleep(0.1)
+        import boto3  # here, not at the top: only the S3 tests pay for importing it
+
+        iam = boto3.client("iam", endpoint_url=url, region_name="us-east-1", aws_access_key_id="setup",
+                           aws_secret_access_key="setup")
+        iam.create_user(UserName="mediad")
+        iam.put_user_policy(UserName="mediad", PolicyName="s3", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+        key = iam.create_access_key(UserName="mediad")["AccessKey"]
+        assert httpx.post(url + "/moto-api/reset-auth", content=b"0").status_code == 200
+        yield Moto(url, key["AccessKeyId"], key["SecretAccessKey"])
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def s3_settings(moto: Moto, tmp_path: Path) -> Settings:
+    """Settings of a bucket of its own (not created yet) on the moto server."""
+    bucket = f"mediad-{uuid.uuid4().hex[:12]}"
+    return make_settings(tmp_path / "data", s3_endpoint_url=moto.url, s3_bucket=bucket,
+                         s3_access_key=moto.access_key, s3_secret_key=moto.secret_key, s3_region=REGION)
+
+
+class Oracle:
+    """boto3 on the same bucket: what S3 holds, seen by a client that is not ours."""
+
+    def __init__(self, settings: Settings) -> None:
+        import boto3
+        from botocore.config import Config
+
+        self.bucket = settings.s3_bucket
+        self.client = boto3.client(
+            "s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region,
+            aws_access_key_id=settings.s3_access_key, aws_secret_access_key=settings.s3_secret_key,
+            config=Config(s3={"addressing_style": "path"}))
+
+    async def call(self, operation: str, **params: Any) -> Any:
+        return await asyncio.to_thread(getattr(self.client, operation), Bucket=self.bucket, **params)
+
+    async def keys(self) -> list[str]:
+        return [item["Key"] for item in (await self.call("list_objects_v2")).get("Contents", [])]
+
+    async def pending_uploads(self) -> list[Any]:
+        return list((await self.call("list_multipart_uploads")).get("Uploads", []))
+
+    async def content(self, key: str) -> bytes:
+        return bytes((await self.call("get_object", Key=key))["Body"].read())

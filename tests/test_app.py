@@ -20,7 +20,8 @@ async def test_health_answers_ok_when_the_database_does(client: httpx.AsyncClien
 async def test_ping_all_reports_round_trips(client: httpx.AsyncClient) -> None:
     body = (await client.get("/ping/all")).json()
     assert body["db"] > 0 and body["storage"] > 0
-    assert "cloud" in body
+    assert body["cloud"] is None and body["disk_pressure"] is False  # this server has no cloud
+    assert set(body) == {"db", "storage", "cloud", "disk_pressure"}
 
 
 async def test_unknown_route_is_problem_json(client: httpx.AsyncClient) -> None:

@@ -22,10 +22,11 @@ RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 
 
 async def upload(client: httpx.AsyncClient, user: User, data: bytes = b"content", *, name: str = "f.txt",
-                 path: str | None = None) -> dict[str, Any]:
+                 path: str | None = None, replaces: bool = False) -> dict[str, Any]:
+    """201 for a new file, 200 when it `replaces` the file at its path."""
     params = {"name": name} if path is None else {"path": path, "name": name}
     response = await client.post("/files", headers=user.auth, params=params, content=data)
-    assert response.status_code in (200, 201), response.text
+    assert response.status_code == (200 if replaces else 201), response.text
     return response.json()
 
 
@@ -136,7 +137,7 @@ async def test_usage_counts_the_callers_files_and_bytes_only(client: httpx.Async
         await upload(client, user, b"u" * size)
     await upload(client, other_user, b"o" * 777)
     await upload(client, user, b"r" * 5, path="/r.txt")
-    await upload(client, user, b"r" * 50, path="/r.txt")  # a replace counts once, at its new size
+    await upload(client, user, b"r" * 50, path="/r.txt", replaces=True)  # a replace counts once, at its new size
     response = await client.get("/usage", headers=user.auth)
     assert response.status_code == 200
     assert response.json() == {"files": 5, "bytes": 10 + 1000 + 65536 + 50}
@@ -185,7 +186,7 @@ async def test_replacing_keeps_a_files_place_in_the_listing(client: httpx.AsyncC
     oldest = await upload(client, user, b"v1", path="/p/old.txt")
     newer = await upload(client, user, b"x", name="newer.txt")
     await asyncio.sleep(0.01)
-    replaced = await upload(client, user, b"version 2", path="/p/old.txt")
+    replaced = await upload(client, user, b"version 2", path="/p/old.txt", replaces=True)
     assert replaced["id"] == oldest["id"] and replaced["created_at"] == oldest["created_at"]
     listed = (await client.get("/files", headers=user.auth)).json()["files"]
     assert [f["id"] for f in listed] == [newer["id"], oldest["id"]]

@@ -144,7 +144,7 @@ async def test_replacing_the_content_ends_old_links(client: httpx.AsyncClient, u
     first = await upload(client, user, payload(500), path="/docs/a.bin")
     old = (await make_link(client, user, first["id"]))["path"]
     assert (await client.get(old)).status_code == 200
-    second = await upload(client, user, payload(500, seed=2), path="/docs/a.bin")
+    second = await upload(client, user, payload(500, seed=2), path="/docs/a.bin", replaces=True)
     assert second["id"] == first["id"]  # same File, new content
     assert_problem(await client.get(old), 403)
     new = (await make_link(client, user, second["id"]))["path"]

@@ -320,9 +320,9 @@ def test_cli_runs_and_stops_cleanly(tmp_path: Path) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    script = ("import argparse, sys; from mediad.mockcloud import add_cli, main_from_args\n"
+    script = ("import argparse, os, sys; from mediad.mockcloud import add_cli, main_from_args\n"
               "p = argparse.ArgumentParser(); add_cli(p.add_subparsers())\n"
-              "sys.exit(main_from_args(p.parse_args(sys.argv[1:])))")
+              "sys.exit(main_from_args(p.parse_args(sys.argv[1:]), os.environ))")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MEDIAD_", "MOCKCLOUD_"))}
     proc = subprocess.Popen([sys.executable, "-c", script, "mock-cloud", "--port", str(port),
                              "--data-dir", str(tmp_path / "cloud")],

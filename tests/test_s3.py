@@ -5,81 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import os
-import subprocess
-import sys
-import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import asyncpg
-import boto3
 import httpx
 import pytest
-from botocore.config import Config
-from conftest import free_port, make_settings, make_user, serve_in_thread, wait_for
+from conftest import Oracle, free_port, make_user, serve_in_thread, wait_for
 
 from mediad.cloud import CloudError, cloud_key
 from mediad.config import Settings
 from mediad.s3 import MiB, S3Store
-
-REGION = "eu-central-1"  # not us-east-1, so that bucket creation sends a LocationConstraint
-
-
-@dataclass
-class Moto:
-    url: str
-    access_key: str
-    secret_key: str
-
-
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Moto]:
-    """moto's server in a subprocess, with an IAM user and signature checks on: from then on it
-    rejects any request whose SigV4 signature is wrong, as S3 does (it checks no content hash)."""
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(url + "/moto-api/", timeout=1)
-                break
-            except httpx.TransportError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto did not start: {log_path.read_text()[-2000:]}") from None
-                time.sleep(0.1)
-        iam = boto3.client("iam", endpoint_url=url, region_name="us-east-1", aws_access_key_id="setup",
-                           aws_secret_access_key="setup")
-        iam.create_user(UserName="mediad")
-        iam.put_user_policy(UserName="mediad", PolicyName="s3", PolicyDocument=json.dumps(
-            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
-        key = iam.create_access_key(UserName="mediad")["AccessKey"]
-        assert httpx.post(url + "/moto-api/reset-auth", content=b"0").status_code == 200
-        yield Moto(url, key["AccessKeyId"], key["SecretAccessKey"])
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-@pytest.fixture
-def s3_settings(moto: Moto, tmp_path: Path) -> Settings:
-    """Settings of a bucket of its own (not created yet) on the moto server."""
-    bucket = f"mediad-{uuid.uuid4().hex[:12]}"
-    return make_settings(tmp_path / "data", s3_endpoint_url=moto.url, s3_bucket=bucket,
-                         s3_access_key=moto.access_key, s3_secret_key=moto.secret_key, s3_region=REGION)
 
 
 @pytest.fixture
@@ -88,29 +27,6 @@ async def store(s3_settings: Settings) -> AsyncIterator[S3Store]:
         s3 = S3Store(http, s3_settings)
         await s3.ensure_bucket()
         yield s3
-
-
-class Oracle:
-    """boto3 on the same bucket: what S3 holds, seen by a client that is not ours."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.bucket = settings.s3_bucket
-        self.client = boto3.client(
-            "s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region,
-            aws_access_key_id=settings.s3_access_key, aws_secret_access_key=settings.s3_secret_key,
-            config=Config(s3={"addressing_style": "path"}))
-
-    async def call(self, operation: str, **params: Any) -> Any:
-        return await asyncio.to_thread(getattr(self.client, operation), Bucket=self.bucket, **params)
-
-    async def keys(self) -> list[str]:
-        return [item["Key"] for item in (await self.call("list_objects_v2")).get("Contents", [])]
-
-    async def pending_uploads(self) -> list[Any]:
-        return list((await self.call("list_multipart_uploads")).get("Uploads", []))
-
-    async def content(self, key: str) -> bytes:
-        return bytes((await self.call("get_object", Key=key))["Body"].read())
 
 
 def write(path: Path, size: int) -> tuple[bytes, str]:

@@ -9,7 +9,9 @@ import io
 import os
 import signal
 import socket
+import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
@@ -17,6 +19,8 @@ import httpx
 import pytest
 from conftest import Server, User, assert_problem, make_settings, make_user, mediad_process, serve_in_thread, wait_for
 from tusclient.client import TusClient
+
+from mediad.tus import Hashes
 
 MiB = 1024 * 1024
 TUS = {"Tus-Resumable": "1.0.0"}
@@ -92,6 +96,22 @@ async def test_creation_with_upload_and_patches_complete_a_file(client: httpx.As
     assert file["sha256"] == hashlib.sha256(data).hexdigest() and file["name"] == "x.bin" and file["path"] is None
 
 
+async def test_media_types_match_case_insensitively(client: httpx.AsyncClient, user: User) -> None:
+    """RFC 9110 §8.3.1: type and subtype are case-insensitive, parameters may follow."""
+    data = os.urandom(3000)
+    response = await client.post("/uploads", content=data[:1000], headers={
+        **user.auth, **TUS, "Upload-Length": "3000", "Upload-Metadata": metadata(filename="c.bin"),
+        "Content-Type": "Application/Offset+Octet-Stream"})
+    assert response.status_code == 201 and response.headers["upload-offset"] == "1000"
+    answers = [await patch(client, user, response.headers["location"], start, data[start:start + 1000],
+                           **{"Content-Type": kind})
+               for start, kind in ((1000, "APPLICATION/OFFSET+OCTET-STREAM ; x=y"),
+                                   (2000, "application/Offset+octet-Stream"))]
+    assert [(a.status_code, a.headers["upload-offset"]) for a in answers] == [(204, "2000"), (204, "3000")]
+    file = (await client.get(f"/files/{answers[1].headers['mediad-file-id']}", headers=user.auth)).json()
+    assert file["sha256"] == hashlib.sha256(data).hexdigest() and file["size"] == 3000
+
+
 async def test_zero_length_upload_is_a_file_at_once(client: httpx.AsyncClient, user: User) -> None:
     response = await client.post("/uploads", headers={**user.auth, **TUS, "Upload-Length": "0",
                                                       "Upload-Metadata": metadata(filename="empty.txt")})
@@ -140,26 +160,35 @@ async def test_checksums_are_verified_per_chunk(client: httpx.AsyncClient, user:
     assert file["sha256"] == hashlib.sha256(data).hexdigest()
 
 
-async def test_racing_patches_never_interleave(client: httpx.AsyncClient, user: User) -> None:
+async def test_racing_patches_never_interleave(server: Server, client: httpx.AsyncClient, user: User) -> None:
     data = os.urandom(2 * MiB)
     location = await create(client, user, len(data))
-    started = asyncio.Event()
+    upload_id = location.rsplit("/", 1)[1]
+    rival_answered = asyncio.Event()
 
     async def slow_body() -> AsyncIterator[bytes]:
-        for start in range(0, MiB, 64 * 1024):
+        yield data[:64 * 1024]
+        await rival_answered.wait()  # the first PATCH holds its claim until the rival has its answer
+        for start in range(64 * 1024, MiB, 64 * 1024):
             yield data[start:start + 64 * 1024]
-            started.set()
-            await asyncio.sleep(0.02)
+
+    async def locked() -> bool:
+        conn = await asyncpg.connect(server.database_url)
+        try:
+            return bool(await conn.fetchval("SELECT lock_until IS NOT NULL FROM uploads WHERE id = $1", upload_id))
+        finally:
+            await conn.close()
 
     async def rival() -> httpx.Response:
-        await started.wait()
-        await asyncio.sleep(0.1)
-        return await patch(client, user, location, 0, b"\x00" * MiB)
+        try:
+            await wait_for(locked, what="the first PATCH's claim")
+            return await patch(client, user, location, 0, b"\x00" * MiB)
+        finally:
+            rival_answered.set()
 
     first, second = await asyncio.gather(patch(client, user, location, 0, slow_body()), rival())
     assert first.status_code == 204 and first.headers["upload-offset"] == str(MiB)
-    assert second.status_code in (409, 423)
-    assert_problem(second, second.status_code)
+    assert_problem(second, 423)
     stale = await patch(client, user, location, 0, data[:10])
     assert_problem(stale, 409)
     last = await patch(client, user, location, MiB, data[MiB:])
@@ -267,3 +296,16 @@ async def test_status_json(client: httpx.AsyncClient, user: User, length: int) -
     status = (await client.get(location, headers=user.auth)).json()
     assert status["offset"] == 0 and status["length"] == length and status["file_id"] is None
     assert status["expires_at"].endswith("Z") and status["id"] in location
+
+
+def test_cached_hashes_of_expired_uploads_are_pruned() -> None:
+    hashes = Hashes()
+    now = datetime.now(UTC)
+    abandoned, live = uuid.uuid4(), uuid.uuid4()
+    hashes.put(abandoned, 10, hashlib.sha256(b"0123456789"), now - timedelta(seconds=1))
+    assert hashes.get(abandoned, 10) is None and len(hashes) == 0
+    hasher = hashlib.sha256(b"abc")
+    hashes.put(live, 3, hasher, now + timedelta(hours=1))
+    assert hashes.get(live, 3) is hasher and hashes.get(live, 4) is None  # only at its own offset
+    hashes.drop(live)
+    assert len(hashes) == 0

@@ -514,6 +514,36 @@ async def test_concurrent_uploads_to_one_path_leave_one_whole_file(
         assert server.stray_temp_files() == []
 
 
+async def test_uploads_holding_more_than_the_in_flight_bound_all_complete(
+        client: httpx.AsyncClient, server: Server, user: User) -> None:
+    """40 uploads at once, each pausing after 640 KiB until all have sent as much (25 MiB received
+    at one moment, far more than the 4 MiB a process lets its writer threads queue over all
+    uploads): they wait for each other's writes, never for ever."""
+    bodies = [payload(2 * MiB + n, 200 + n) for n in range(40)]
+    held = 640 * KiB
+    arrived = 0
+    everyone = asyncio.Event()
+
+    async def body(data: bytes) -> AsyncIterator[bytes]:
+        nonlocal arrived
+        for start in range(0, held, 64 * KiB):
+            yield data[start:start + 64 * KiB]
+        arrived += 1
+        if arrived == len(bodies):
+            await asyncio.sleep(1)  # time for the server to read what every upload sent so far
+            everyone.set()
+        await asyncio.wait_for(everyone.wait(), 60)
+        for start in range(held, len(data), 64 * KiB):
+            yield data[start:start + 64 * KiB]
+
+    responses = await asyncio.gather(*(
+        client.post("/files", headers=user.auth, params={"name": f"crowd{n}.bin"}, content=body(data))
+        for n, data in enumerate(bodies)))
+    assert [r.status_code for r in responses] == [201] * len(bodies), [r.text for r in responses][:3]
+    assert [r.json()["sha256"] for r in responses] == [sha(data) for data in bodies]
+    assert server.stray_temp_files() == []
+
+
 # ---- malformed bodies ---------------------------------------------------------------------------
 
 async def test_raw_upload_without_any_name_is_422_and_leaves_nothing(

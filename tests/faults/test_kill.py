@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator
 import httpx
 from conftest import User, make_user
 
+from mediad.storage import blob_relpath
+
 from .conftest import (
     Acked,
     CloudProcess,
@@ -202,3 +204,25 @@ async def test_sigkill_during_a_cleanup_eviction_pass(nodes: NodeFactory, fault_
     await wait_drained(fault_database)
     await assert_invariants(fault_database, [node], started=started, acked=done, cloud=cloud)
 
+
+
+async def test_restart_removes_a_blob_whose_row_never_committed(nodes: NodeFactory, fault_database: str,
+                                                                started: float) -> None:
+    """A kill between an upload's rename into files/ and its row's commit leaves a blob no row
+    names. The restart's recovery (alone on the data dir) removes it at once, without the
+    cleanup grace; the blob of an acknowledged upload stays."""
+    node = nodes("a", fault_database)
+    async with node.client() as http:
+        user = await make_user(http)
+        data = os.urandom(4096)
+        kept = acked(await http.post("/files?name=kept.bin", content=data, headers=user.auth), data, user.auth)
+    node.kill()
+    orphan = node.data_dir / blob_relpath(uuid.uuid4())
+    orphan.parent.mkdir(parents=True, exist_ok=True)
+    orphan.write_bytes(os.urandom(1000))  # renamed into place; then the process died before COMMIT
+
+    node.restart()
+    rows = await query(fault_database, "SELECT blob_id FROM files WHERE node = $1", node.node_id())
+    on_disk = {uuid.UUID(hex=path.name) for path in (node.data_dir / "files").rglob("*") if path.is_file()}
+    assert on_disk == {row["blob_id"] for row in rows} and not orphan.exists()
+    await assert_invariants(fault_database, [node], started=started, acked=[kept])

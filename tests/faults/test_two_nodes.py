@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from conftest import assert_problem, make_user
-from test_s3 import Oracle, moto, s3_settings  # noqa: F401  (fixtures shared with the S3 tests)
+from conftest import Oracle, assert_problem, make_user
 
 from mediad.cloud import cloud_key
 from mediad.config import Settings
@@ -147,7 +146,7 @@ class S3Cloud:
         return {key: hashlib.sha256(await self.oracle.content(key)).hexdigest() for key in await self.oracle.keys()}
 
 
-async def test_two_nodes_on_s3(nodes: NodeFactory, fault_database: str, s3_settings: Settings,  # noqa: F811
+async def test_two_nodes_on_s3(nodes: NodeFactory, fault_database: str, s3_settings: Settings,
                                started: float) -> None:
     """The same with S3 (moto's server): upload on A, read-through on B; kill -9 A while it
     replicates, restart it; every file ends stored: one object per file, with its sha256."""

@@ -1,0 +1,163 @@
+"""What the benchmarks and the tests share to run servers and watch them: free loopback ports,
+a subprocess kept for the length of a block, and the process's CPU and RSS read from /proc.
+
+Imported as `ops.harness`: by tests/conftest.py (pytest puts the repository root on sys.path) and
+by `python -m ops.bench` / `python -m ops.soak`, run from the repository root.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+def run_async(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run the client on uvloop when it is there (uvicorn[standard] brings it): measured here, the
+    stock asyncio loop alone lowers the ceiling by ~25%, which would hide the server's own cost."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def running(cmd: list[str], env: dict[str, str], ready_url: str, log_path: Path, cwd: Path | None = None, *,
+            start_timeout: float = 120, stop_timeout: float = 45) -> Iterator[subprocess.Popen[bytes]]:
+    """Run `cmd` (output appended to `log_path`) until the block ends: wait for `ready_url` to
+    answer 200, then SIGTERM it (and SIGKILL after `stop_timeout`) however the block exits."""
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + start_timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{cmd[0]} exited with {proc.returncode} before it was ready: "
+                                   f"{log_path.read_text(errors='replace')[-3000:]}")
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(ready_url, timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{ready_url} did not answer 200 within {start_timeout:.0f} s: "
+                                   f"{log_path.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.1)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=stop_timeout)
+            except subprocess.TimeoutExpired:
+                print(f"{cmd[0]} ignored SIGTERM for {stop_timeout:.0f} s, killing it", file=sys.stderr)
+                proc.kill()
+                proc.wait()
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS/VmHWM of one process in KiB (the uvicorn process only, not PostgreSQL's)."""
+    values = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(rest.split()[0])
+    return values
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def descendants(pid: int) -> list[int]:
+    """Live child processes of `pid`, recursively (Granian's worker, ffmpeg)."""
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                for child in (task / "children").read_text().split():
+                    found += [int(child), *descendants(int(child))]
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU of a process and its live descendants: Granian serves from a worker process."""
+    total = 0.0
+    for one in (pid, *descendants(pid)):
+        with contextlib.suppress(OSError):
+            total += cpu_seconds(one)
+    return total
+
+
+class Sampler:
+    """Calls `tick()` every `interval` seconds in a thread of its own while the block runs."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Any:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def tick(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while True:
+            self.tick()
+            if self._stop.wait(self.interval):
+                return
+
+
+class RssSampler(Sampler):
+    """Samples a process's RSS while the block runs; with `child_prefix`, also the peak RSS and
+    the CPU of its descendants of that name (ffmpeg)."""
+
+    def __init__(self, pid: int, interval: float = 0.02, child_prefix: str | None = None) -> None:
+        super().__init__(interval)
+        self.pid, self.child_prefix = pid, child_prefix
+        self.peak_kib = self.hwm_kib = self.child_peak_kib = 0
+        self.child_cpu: dict[int, float] = {}  # pid → CPU seconds when last seen alive
+
+    def tick(self) -> None:
+        status = proc_status(self.pid)
+        self.peak_kib = max(self.peak_kib, status["VmRSS"])
+        self.hwm_kib = status["VmHWM"]
+        if self.child_prefix:
+            self._sample_children(self.child_prefix)
+
+    def _sample_children(self, prefix: str) -> None:
+        for child in descendants(self.pid):
+            with contextlib.suppress(OSError, KeyError):  # it exited between listing and reading
+                if Path(f"/proc/{child}/comm").read_text().startswith(prefix):
+                    self.child_peak_kib = max(self.child_peak_kib, proc_status(child)["VmHWM"])
+                    self.child_cpu[child] = cpu_seconds(child)
+
+
+def percentile(values: list[float], pct: float) -> float:
+    ranked = sorted(values)
+    return ranked[min(len(ranked) - 1, max(0, round(pct / 100 * len(ranked)) - 1))]
