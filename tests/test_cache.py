@@ -127,7 +127,7 @@ async def test_a_replaced_file_serves_the_new_bytes_within_1s(http: httpx.AsyncC
     await cached(http, user, f"/files/{file['id']}/content", old)
     for _ in range(2):
         assert (await http.get(link, headers=RANGE)).content == old[:100]
-    replaced = await upload(http, user, new, path="/r/file.bin")
+    replaced = await upload(http, user, new, path="/r/file.bin", replaces=True)
     assert replaced["id"] == file["id"]
     for target in ("/download?path=/r/file.bin", f"/files/{file['id']}/content"):
         await within_1s(lambda t=target: http.get(t, headers={**user.auth, **RANGE}), 206, new[:100])  # type: ignore[misc]

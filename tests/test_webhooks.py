@@ -125,7 +125,7 @@ async def test_every_event_type_arrives_signed_with_the_file_as_it_is_after_the_
 
         created = await upload(http, user, b"first", path="/docs/a.txt")
         await arrived(receiver, 2, "file.created, file.stored")
-        replaced = await upload(http, user, b"second version", path="/docs/a.txt")
+        replaced = await upload(http, user, b"second version", path="/docs/a.txt", replaces=True)
         assert replaced["id"] == created["id"]
         record = await http.post("/records", headers=user.auth, files={"file": ("memo.wav", io.BytesIO(_wav()))})
         assert record.status_code == 201, record.text

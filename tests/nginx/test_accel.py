@@ -150,7 +150,7 @@ async def test_empty_and_replaced_files_through_nginx(stack: Stack, clients: Any
     for extra in ({}, {"Range": "bytes=0-"}, {"Range": "bytes=-5"}):
         await assert_same(clients, "GET", url, {**user.auth, **extra})
     first = await upload(direct, user, b"first version", path="/v.txt")
-    await upload(direct, user, b"second, longer version", path="/v.txt")
+    await upload(direct, user, b"second, longer version", path="/v.txt", replaces=True)
     url = f"/files/{first['id']}/content"
     got = await assert_same(clients, "GET", url, {**user.auth, "Range": "bytes=0-5"})
     assert got.status_code == 206 and got.content == b"second"
