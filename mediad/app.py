@@ -80,7 +80,8 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
                 else:
                     assert settings.cloud_url is not None
                     app.state.store = ObjectStore(http, settings.cloud_url, settings.cloud_token)
-                app.state.replicator = Replicator(engine, storage, app.state.store, settings)
+                app.state.replicator = Replicator(engine, storage, app.state.store, settings,
+                                                  metrics.push_failures.inc)
                 replication = asyncio.create_task(app.state.replicator.run(), name="replication")
                 stack.push_async_callback(_stop, replication)
             if settings.cleanup_interval_s > 0:

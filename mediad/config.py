@@ -61,6 +61,8 @@ class Settings:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
     max_header_bytes: int = 32 * 1024
+    # Worker processes answering on the one port (`mediad serve --workers`); 1 serves in-process.
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     db_pool_size: int = 20
     db_pool_timeout_s: float = 5.0
     log_level: str = "INFO"
@@ -146,6 +148,8 @@ def _check(settings: Settings) -> None:
     for name in ("cloud_concurrency", "cloud_max_attempts", "audio_workers", "db_pool_size"):
         if getattr(settings, name) < 1:
             raise ConfigError(f"MEDIAD_{name.upper()} is invalid: must be at least 1")
+    if settings.workers < 1:
+        raise ConfigError("MEDIAD_WORKERS is invalid: must be at least 1")
     for name in ("header_timeout_s", "body_timeout_s", "max_header_bytes"):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"MEDIAD_{name.upper()} is invalid: must be greater than 0")
