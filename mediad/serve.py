@@ -200,7 +200,7 @@ def worker_app(settings: Settings, url: str) -> Any:
     from .app import create_app
     from .logs import setup_logging
 
-    die_with_parent()
+    die_with_parent(signal.SIGKILL)  # the service died: so do its workers, as in a crash
     setup_logging(settings.log_level, settings.log_file)
     return create_app(settings, url)
 
@@ -210,7 +210,7 @@ def granian_app() -> Any:
     environment (`_export`)."""
     from .app import app_from_environment
 
-    die_with_parent()
+    die_with_parent(signal.SIGKILL)
     return app_from_environment()
 
 
