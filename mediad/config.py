@@ -62,7 +62,7 @@ class Settings:
     body_timeout_s: float = 30.0
     max_header_bytes: int = 32 * 1024
     # Worker processes answering on the one port (`mediad serve --workers`); 1 serves in-process.
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    workers: int = field(default_factory=lambda: _usable_cpus())
     db_pool_size: int = 20
     db_pool_timeout_s: float = 5.0
     log_level: str = "INFO"
@@ -71,6 +71,14 @@ class Settings:
     @property
     def base_url(self) -> str:
         return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+
+def _usable_cpus() -> int:
+    """The CPUs this process may run on (taskset, cpusets), else the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 _TRUE = {"1", "true", "yes", "on"}
