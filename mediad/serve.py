@@ -44,6 +44,7 @@ from .embedded import database
 
 log = logging.getLogger("mediad")
 
+_WORKER_HEALTHCHECK_S = 30
 # prometheus-client's switch into multiprocess mode (mediad/metrics.py reads it too).
 MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -225,8 +226,11 @@ def _run_uvicorn(settings: Settings, url: str) -> bool:
 
         uvicorn.Server(uvicorn_config(create_app(settings, url), settings)).run()
         return True
+    # The supervisor pings each worker about every 0.5 s and kills one that does not answer within
+    # the health-check timeout; a worker starting on a busy machine may take more than uvicorn's
+    # 5 s before its answering thread runs.
     config = uvicorn_config(functools.partial(worker_app, settings, url), settings, factory=True,
-                            workers=settings.workers)
+                            workers=settings.workers, timeout_worker_healthcheck=_WORKER_HEALTHCHECK_S)
     supervisor = _Supervisor(config, sockets=[config.bind_socket()])
     supervisor.run()
     return supervisor.asked_to_stop

@@ -76,28 +76,33 @@ def answering_worker(workers: set[int], client_port: int) -> int | None:
     return None
 
 
-async def request_on_new_connection(url: str, target: str, workers: set[int],
+async def request_on_new_connection(url: str, target: str, service: subprocess.Popen[bytes],
                                     headers: dict[str, str] | None = None) -> tuple[int, int | None]:
-    """GET `target` on a connection of its own → (status, the worker that answered it)."""
+    """GET `target` on a connection of its own → (status, the worker of `service` that answered)."""
     host, port = url.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
     try:
         writer.write(request_head("GET", target, headers or {}))
         response = await read_response(reader)
         # Still open (keep-alive): the answering worker holds its end.
-        return response.status_code, answering_worker(workers, writer.get_extra_info("sockname")[1])
+        return response.status_code, answering_worker(workers_of(service), writer.get_extra_info("sockname")[1])
     finally:
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
 
 
-async def spread(url: str, workers: set[int], target: str, most: int = 400) -> tuple[int, dict[int, int]]:
-    """New connections, one at a time, until every worker has answered at least 3 of them (the kernel
-    hands each to whichever worker accepts first) → (requests sent, answers per worker)."""
+async def spread(node: Node, workers: set[int], target: str, most: int = 2000,
+                 seconds: float = 60) -> tuple[int, dict[int, int]]:
+    """New connections, one at a time, until each of `workers` has answered at least 3 of them (the
+    kernel hands each to whichever worker accepts first; a worker still starting accepts none)
+    → (requests sent, answers per worker)."""
+    assert node.server is not None and node.server.process is not None
     answered = dict.fromkeys(workers, 0)
+    deadline = time.monotonic() + seconds
     for sent in range(1, most + 1):
-        status, pid = await request_on_new_connection(url, target, workers)
+        assert time.monotonic() < deadline, f"not every worker answered within {seconds} s: {answered}"
+        status, pid = await request_on_new_connection(node.url, target, node.server.process)
         assert status == 401, status
         assert pid in answered, (pid, workers)
         answered[pid] += 1
@@ -120,7 +125,7 @@ async def test_two_workers_answer_on_one_port(kind: str, nodes: NodeFactory, fau
         pytest.importorskip("granian")
     node = nodes("a", fault_database, server=kind, **TWO)
     workers = await wait_workers(node, 2)
-    sent, answered = await spread(node.url, workers, "/usage")
+    sent, answered = await spread(node, workers, "/usage")
     assert set(answered) == workers and sum(answered.values()) == sent
 
 
@@ -128,7 +133,7 @@ async def test_metrics_sum_the_requests_of_every_worker(nodes: NodeFactory, faul
     node = nodes("a", fault_database, **TWO)
     workers = await wait_workers(node, 2)
     # /usage without a token: a route nothing else calls (the start-up health checks do not count).
-    sent, answered = await spread(node.url, workers, "/usage")
+    sent, answered = await spread(node, workers, "/usage")
     async with node.client() as http:
         text = (await http.get("/metrics")).text
     assert metric(text, "mediad_http_requests_total", route="/usage", method="GET", status="401") == sent
@@ -166,7 +171,7 @@ async def test_a_killed_worker_is_replaced_while_the_other_answers(
     statuses = []
 
     async def replaced() -> bool:
-        status, _ = await request_on_new_connection(node.url, "/health", set())
+        status, _ = await request_on_new_connection(node.url, "/health", node.server.process)  # type: ignore[union-attr]
         statuses.append(status)
         found = workers_of(node.server.process)  # type: ignore[union-attr]
         return len(found) == 2 and victim not in found
@@ -175,7 +180,7 @@ async def test_a_killed_worker_is_replaced_while_the_other_answers(
     assert statuses and set(statuses) == {200}, statuses
     newcomer = (await wait_workers(node, 2, without={victim})) - workers
     assert len(newcomer) == 1
-    await spread(node.url, workers - {victim} | newcomer, "/usage")  # both serve, the new one too
+    await spread(node, workers - {victim} | newcomer, "/usage")  # both serve, the new one too
     await assert_invariants(fault_database, [node], started=started, acked=[upload])
 
 
