@@ -186,6 +186,13 @@ async def test_a_killed_worker_is_replaced_while_the_other_answers(
 
 # ---- stopping -------------------------------------------------------------------------------------
 
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def _postmaster_pid(pgdata: Path) -> int:
     return int((pgdata / "postmaster.pid").read_text().split()[0])
 
@@ -208,12 +215,6 @@ async def test_sigterm_stops_every_worker_the_database_and_the_cloud(kind: str, 
         assert len(owned) >= 3 and psutil.pid_exists(postmaster)  # two workers and the mock cloud
         running.process.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(running.process.wait, 60) == 0
-
-    def gone(pid: int) -> bool:
-        try:
-            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return True
 
     await wait_until(lambda: all(gone(pid) for pid in owned | {postmaster}), 10, "every process to exit")
     assert not (data_dir / "pg" / "postmaster.pid").exists()  # stopped, not killed
@@ -305,3 +306,19 @@ async def test_one_cleanup_pass_at_a_time_across_workers(
         for upload in uploads[:3]:  # read back through the cloud
             response = await http.get(f"/files/{upload.file_id}/content", headers=upload.auth)
             assert response.status_code == 200 and hashlib.sha256(response.content).hexdigest() == upload.sha256
+
+
+@pytest.mark.parametrize("kind", ["uvicorn", "granian"])
+async def test_kill_9_of_the_supervisor_takes_its_workers(kind: str, nodes: NodeFactory, fault_database: str) -> None:
+    if kind == "granian":
+        pytest.importorskip("granian")
+    node = nodes("a", fault_database, server=kind, **TWO)
+    workers = await wait_workers(node, 2)
+    node.kill()
+
+    await wait_until(lambda: all(gone(pid) for pid in workers), 10,
+                     f"workers {sorted(workers)} to die with their supervisor")
+    node.start()  # the port and the data dir are free again: a new service starts and answers
+    await wait_workers(node, 2, without=workers)
+    async with node.client() as http:
+        assert (await http.get("/health")).status_code == 200
