@@ -165,12 +165,12 @@ def forget_dead_workers(directory: str) -> None:
     """Drop the live gauges of worker processes that are gone (a worker killed and replaced): what
     mark_process_dead does, for the pids whose live-gauge files outlive them. Their counters and
     histograms stay, as counts since the service started must."""
-    pids = set()
+    pids: set[int] = set()
     for name in os.listdir(directory):
         if name.startswith("gauge_live") and name.endswith(".db"):
-            pid = name.rsplit("_", 1)[-1].removesuffix(".db")
-            if pid.isdigit():
-                pids.add(int(pid))
+            number = name.rsplit("_", 1)[-1].removesuffix(".db")
+            if number.isdigit():
+                pids.add(int(number))
     for pid in pids:
         if not _alive(pid):
             multiprocess.mark_process_dead(pid, directory)
