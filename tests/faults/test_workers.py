@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import time
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 import httpx
@@ -42,6 +43,7 @@ TWO = {"MEDIAD_WORKERS": "2"}
 
 
 def workers_of(process: subprocess.Popen[bytes]) -> set[int]:
+    """The live worker processes of a `mediad serve`."""
     pids = set()
     for child in psutil.Process(process.pid).children():
         with contextlib.suppress(psutil.Error):
@@ -52,7 +54,8 @@ def workers_of(process: subprocess.Popen[bytes]) -> set[int]:
     return pids
 
 
-async def wait_workers(node: Node, count: int, timeout: float = 60, without: set[int] = frozenset()) -> set[int]:
+async def wait_workers(node: Node, count: int, timeout: float = 60,
+                       without: AbstractSet[int] = frozenset()) -> set[int]:
     """The node's worker pids once there are `count` of them and none is in `without`."""
     assert node.server is not None and node.server.process is not None
     found: set[int] = set()
