@@ -325,3 +325,31 @@ async def test_kill_9_of_the_supervisor_takes_its_workers(kind: str, nodes: Node
     await wait_workers(node, 2, without=workers)
     async with node.client() as http:
         assert (await http.get("/health")).status_code == 200
+
+
+async def test_uploads_in_flight_forget_a_killed_worker(nodes: NodeFactory, fault_database: str) -> None:
+    node = nodes("a", fault_database, **TWO)
+    workers = await wait_workers(node, 2)
+    async with node.client() as http:
+        user = await make_user(http)
+    # An upload whose body stops halfway: its worker counts it in flight until it is killed.
+    host, port = node.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(request_head("PUT", "/files?path=/half.bin", {**user.auth, "Content-Length": str(MiB)}))
+    writer.write(os.urandom(MiB // 2))
+    await writer.drain()
+    uploader = answering_worker(workers, writer.get_extra_info("sockname")[1])
+    assert uploader in workers
+
+    async def in_flight() -> float:
+        async with node.client() as http:
+            return metric((await http.get("/metrics")).text, "mediad_uploads_in_flight")
+
+    async def counted() -> bool:
+        return await in_flight() == 1
+
+    await wait_until(counted, 10, "the upload to be counted in flight")
+    os.kill(uploader, signal.SIGKILL)
+    writer.close()
+    await wait_workers(node, 2, without={uploader})
+    assert await in_flight() == 0
