@@ -196,14 +196,26 @@ async def _recover(storage: Any, settings: Settings, url: str) -> None:
 
 # ---- the servers ----------------------------------------------------------------------------------
 
-def worker_app(settings: Settings, url: str) -> Any:
+def _die_with(supervisor: int | None) -> None:
+    """In a worker: SIGKILL when the supervisor dies, as in a crash of the whole service, and exit
+    at once if it already has (a worker still starting when `mediad serve` was killed would
+    otherwise go on serving alone, holding the port and the data dir)."""
+    die_with_parent(signal.SIGKILL)
+    if supervisor is not None and os.getppid() != supervisor:
+        os._exit(1)
+
+
+def worker_app(settings: Settings, url: str, supervisor: int) -> Any:
     """The app in a uvicorn worker process (the factory uvicorn's supervisor hands each worker)."""
     from .app import create_app
     from .logs import setup_logging
 
-    die_with_parent(signal.SIGKILL)  # the service died: so do its workers, as in a crash
+    _die_with(supervisor)
     setup_logging(settings.log_level, settings.log_file)
     return create_app(settings, url)
+
+
+_granian_supervisor: int | None = None  # set before Granian forks its workers, which inherit it
 
 
 def granian_app() -> Any:
@@ -211,7 +223,7 @@ def granian_app() -> Any:
     environment (`_export`)."""
     from .app import app_from_environment
 
-    die_with_parent(signal.SIGKILL)
+    _die_with(_granian_supervisor)
     return app_from_environment()
 
 
@@ -229,7 +241,7 @@ def _run_uvicorn(settings: Settings, url: str) -> bool:
     # The supervisor pings each worker about every 0.5 s and kills one that does not answer within
     # the health-check timeout; a worker starting on a busy machine may take more than uvicorn's
     # 5 s before its answering thread runs.
-    config = uvicorn_config(functools.partial(worker_app, settings, url), settings, factory=True,
+    config = uvicorn_config(functools.partial(worker_app, settings, url, os.getpid()), settings, factory=True,
                             workers=settings.workers, timeout_worker_healthcheck=_WORKER_HEALTHCHECK_S)
     supervisor = _Supervisor(config, sockets=[config.bind_socket()])
     supervisor.run()
@@ -269,6 +281,8 @@ def _run_granian(settings: Settings, url: str) -> None:
     from granian.constants import Interfaces
     from granian.http import HTTP1Settings
 
+    global _granian_supervisor
+    _granian_supervisor = os.getpid()
     _export(settings, url)
     Granian("mediad.serve:granian_app", factory=True, interface=Interfaces.ASGI,
             address=settings.host, port=settings.port, workers=settings.workers, log_enabled=False,
