@@ -144,7 +144,7 @@ def _lifespan(settings: Settings, url: str, metrics: Metrics) -> Lifespan:
             stack.callback(storage.leave)
             await recover(engine, storage)  # what a dead process left on this data dir
             stack.push_async_callback(_flush_quietly, state.access, engine)
-            state.store, state.replicator = await _start_replication(stack, settings, engine, storage)
+            state.store, state.replicator = await _start_replication(stack, settings, engine, storage, metrics)
             state.deliverer = await _start_deliveries(stack, engine, settings, state.link_key, metrics)
             if settings.cleanup_interval_s > 0:
 
@@ -162,7 +162,7 @@ def _lifespan(settings: Settings, url: str, metrics: Metrics) -> Lifespan:
 
 
 async def _start_replication(stack: contextlib.AsyncExitStack, settings: Settings, engine: AsyncEngine,
-                             storage: Storage) -> tuple[Store | None, Replicator | None]:
+                             storage: Storage, metrics: Metrics) -> tuple[Store | None, Replicator | None]:
     """The cloud store (S3 or the mock cloud API) and its replicator, when one is configured."""
     if not (settings.cloud_url or settings.s3_bucket):
         return None, None
@@ -180,7 +180,7 @@ async def _start_replication(stack: contextlib.AsyncExitStack, settings: Setting
     else:
         assert settings.cloud_url is not None
         store = ObjectStore(http, settings.cloud_url, settings.cloud_token)
-    replicator = Replicator(engine, storage, store, settings)
+    replicator = Replicator(engine, storage, store, settings, metrics.push_failures.inc)
     _start(stack, "replication", replicator.run())
     return store, replicator
 

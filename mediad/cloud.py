@@ -15,7 +15,7 @@ import os
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -156,7 +156,8 @@ class ObjectStore:
 class Replicator:
     """Workers pushing committed files to the store, and a poller that keeps the queue honest."""
 
-    def __init__(self, engine: AsyncEngine, storage: Storage, store: Store, settings: Settings) -> None:
+    def __init__(self, engine: AsyncEngine, storage: Storage, store: Store, settings: Settings,
+                 on_push_failure: Callable[[], object] = lambda: None) -> None:
         self.engine = engine
         self.storage = storage
         self.store = store
@@ -166,7 +167,7 @@ class Replicator:
         self._deletions_due = asyncio.Event()
         assert storage.node_id is not None, "storage.prepare() first"
         self.node = storage.node_id
-        self.push_failures = 0  # since start; GET /metrics reads it
+        self.on_push_failure = on_push_failure  # counted by GET /metrics, summed over workers
 
     def enqueue(self, file_id: uuid.UUID) -> None:
         if file_id not in self._queued:
@@ -217,7 +218,7 @@ class Replicator:
             if reported != claim.sha256:
                 raise CloudError(f"PUT {key}: the cloud stored sha256 {reported[:16]}…, ours is {claim.sha256[:16]}…")
         except (CloudError, OSError) as exc:
-            self.push_failures += 1
+            self.on_push_failure()
             delay = retry_delay(claim.cloud_attempts, settings.cloud_retry_base_s, settings.cloud_retry_cap_s)
             log.warning("push of %s failed (attempt %d), retrying in %.1fs: %s", file_id,
                         claim.cloud_attempts + 1, delay, exc)

@@ -70,6 +70,8 @@ class Settings:
     webhook_retry_s: float = 86400.0
     webhook_concurrency: int = 32  # attempts in flight per process, all endpoints together (8 per endpoint)
     webhook_poll_s: float = 2.0  # the fallback when no LISTEN/NOTIFY wake-up arrives
+    # Worker processes answering on the one port (`mediad serve --workers`); 1 serves in-process.
+    workers: int = field(default_factory=lambda: _usable_cpus())
     db_pool_size: int = 20
     # Download lookups answered from memory (mediad/cache.py) lapse after this long even without a
     # change notification; 0 turns the cache off.
@@ -122,6 +124,14 @@ def parse_networks(text: str | None) -> tuple[ipaddress.IPv4Network | ipaddress.
     if not text:
         return ()
     return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip())
+
+
+def _usable_cpus() -> int:
+    """The CPUs this process may run on (taskset, cpusets), else the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -202,6 +212,8 @@ def _check(settings: Settings) -> None:
     for name in ("cloud_concurrency", "cloud_max_attempts", "audio_workers", "db_pool_size"):
         if getattr(settings, name) < 1:
             raise ConfigError(f"MEDIAD_{name.upper()} is invalid: must be at least 1")
+    if settings.workers < 1:
+        raise ConfigError("MEDIAD_WORKERS is invalid: must be at least 1")
     for name in ("header_timeout_s", "body_timeout_s", "max_header_bytes"):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"MEDIAD_{name.upper()} is invalid: must be greater than 0")

@@ -4,12 +4,17 @@ What only the request path sees (requests, durations, bytes, uploads in flight) 
 requests pass. What the database and the disk know (the replication backlog, free space) is read
 when Prometheus scrapes, with one indexed query and one statvfs, so a restart or a second
 instance on the same database never makes those numbers drift.
+
+Under `mediad serve --workers N` every worker counts into prometheus-client's multiprocess files
+(PROMETHEUS_MULTIPROC_DIR, set by the supervisor before any worker imports the library) and
+/metrics reads all of them: the service's totals, whichever worker answers the scrape.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 import time
 from collections.abc import Iterable
@@ -17,9 +22,9 @@ from typing import Any
 
 import anyio
 import sqlalchemy as sa
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import Request
 from starlette.responses import Response
@@ -39,6 +44,9 @@ _UPLOAD_ROUTES = ("/files", "/records")  # plus everything under /uploads (tus)
 _DOWNLOAD_ROUTES = frozenset({"/files/{file_id}/content", "/download", "/record"})
 _CONVERTOR = re.compile(r"{([^}:]+):[^}]+}")
 _SCRAPE_TIMEOUT_S = 2.0
+# prometheus-client's own switch, read by the library when it is imported: when set, every value
+# lives in a file of this directory named after the process that counts it.
+MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
 # The replication backlog in one query on ix_files_cloud_due (cloud_state leads it): stored rows,
 # the bulk of the table, are never read. updated_at is when the row last became pending (insert
@@ -70,7 +78,8 @@ def _is_upload(method: str, route: str) -> bool:
 
 class Metrics:
     """The app's metrics. Registered on its own registry as a collector too, for the values that
-    are read at scrape time rather than counted."""
+    are read at scrape time rather than counted. `exposed` is the registry /metrics serves: this
+    one, or in a multiprocess service one that sums every worker's files."""
 
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry()
@@ -83,8 +92,11 @@ class Metrics:
                                 "(POST/PUT /files, POST /records, /uploads).", registry=registry)
         self.downloaded = Counter("mediad_downloaded_bytes", "File bytes sent by download routes "
                                   "(/files/{id}/content, /download, /record).", registry=registry)
+        # livesum: across the workers alive now; a dead worker's uploads are in flight no more.
         self.uploads_in_flight = Gauge("mediad_uploads_in_flight", "Uploads whose body is being "
-                                       "received now.", registry=registry)
+                                       "received now.", registry=registry, multiprocess_mode="livesum")
+        self.push_failures = Counter("mediad_cloud_push_failures", "Failed pushes to the cloud since "
+                                     "start (each is retried with backoff).", registry=registry)
         self.evicted_files = Counter("mediad_cleanup_evicted_files", "Local copies removed by cleanup "
                                      "because the cloud holds them.", registry=registry)
         self.freed_bytes = Counter("mediad_cleanup_freed_bytes", "Local disk bytes freed by cleanup "
@@ -100,6 +112,12 @@ class Metrics:
             self.webhook_deliveries.labels(outcome)
         self._scraped: dict[str, Any] = {}
         registry.register(self)
+        self.multiprocess_dir = os.environ.get(MULTIPROC_DIR) or None
+        self.exposed = registry
+        if self.multiprocess_dir is not None:
+            self.exposed = CollectorRegistry()
+            multiprocess.MultiProcessCollector(self.exposed, path=self.multiprocess_dir)
+            self.exposed.register(self)
 
     def observe_cleanup(self, *, evicted_files: int, evicted_bytes: int, temp_removed: int,
                         orphans_removed: int) -> None:
@@ -109,9 +127,9 @@ class Metrics:
         self.swept_files.labels("temp").inc(temp_removed)
         self.swept_files.labels("orphan").inc(orphans_removed)
 
-    async def refresh(self, reader: AsyncEngine, storage: Storage, push_failures: int) -> None:
-        """Read what is measured at scrape time: the replication backlog, the disk; and take the
-        replicator's count of push failures."""
+    async def refresh(self, reader: AsyncEngine, storage: Storage) -> None:
+        """Read what is measured at scrape time: the replication backlog and the disk (push
+        failures are a counter the replicator increments)."""
         scraped: dict[str, Any] = {"database_up": 0, "backlog": {}}
         try:
             with anyio.fail_after(_SCRAPE_TIMEOUT_S):
@@ -123,7 +141,8 @@ class Metrics:
             log.warning("metrics: the backlog query failed: %s", exc.__class__.__name__)
         usage = await anyio.to_thread.run_sync(storage.usage)
         scraped["disk"] = (usage.total - usage.free, usage.free)
-        scraped["push_failures"] = push_failures
+        if self.multiprocess_dir is not None:
+            await anyio.to_thread.run_sync(forget_dead_workers, self.multiprocess_dir)
         self._scraped = scraped
 
     def collect(self) -> Iterable[Metric]:
@@ -141,13 +160,36 @@ class Metrics:
             yield GaugeMetricFamily("mediad_cloud_failed_files", "Files whose cloud push gave up "
                                     "(state failed; `mediad cloud retry` requeues them).",
                                     value=scraped["backlog"].get("failed", (0, 0.0))[0])
-        yield CounterMetricFamily("mediad_cloud_push_failures", "Failed pushes to the cloud since "
-                                  "start (each is retried with backoff).", value=scraped["push_failures"])
         used, free = scraped["disk"]
         yield GaugeMetricFamily("mediad_disk_used_bytes", "Bytes used on the data dir's filesystem.",
                                 value=used)
         yield GaugeMetricFamily("mediad_disk_free_bytes", "Bytes available to mediad on the data dir's "
                                 "filesystem.", value=free)
+
+
+def forget_dead_workers(directory: str) -> None:
+    """Drop the live gauges of worker processes that are gone (a worker killed and replaced): what
+    mark_process_dead does, for the pids whose live-gauge files outlive them. Their counters and
+    histograms stay, as counts since the service started must."""
+    pids: set[int] = set()
+    for name in os.listdir(directory):
+        if name.startswith("gauge_live") and name.endswith(".db"):
+            number = name.rsplit("_", 1)[-1].removesuffix(".db")
+            if number.isdigit():
+                pids.add(int(number))
+    for pid in pids:
+        if not _alive(pid):
+            multiprocess.mark_process_dead(pid, directory)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 class TelemetryMiddleware:
@@ -247,8 +289,7 @@ async def metrics_endpoint(request: Request) -> Response:
     """Prometheus text format (or OpenMetrics when the scraper asks for it)."""
     state = request.app.state
     metrics: Metrics = state.metrics
-    await metrics.refresh(state.reader, state.storage,
-                          state.replicator.push_failures if state.replicator is not None else 0)
+    await metrics.refresh(state.reader, state.storage)
     encoder, content_type = choose_encoder(request.headers.get("accept", ""))
-    return Response(encoder(metrics.registry), media_type=content_type,
+    return Response(encoder(metrics.exposed), media_type=content_type,
                     headers={"Cache-Control": "no-store"})

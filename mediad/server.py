@@ -18,7 +18,9 @@ uvicorn would answer in plain text.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
@@ -42,9 +44,8 @@ def raw_problem(status: int, detail: str, slug: str) -> bytes:
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
-    limits: Settings  # set per server by guarded_protocol()
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, limits: Settings, **kwargs: Any) -> None:
+        self.limits = limits
         super().__init__(*args, **kwargs)
         self._in_head = False  # between a request's first byte (or the connection) and its headers' end
         self._in_body = False  # headers done, body not complete
@@ -199,9 +200,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self.cycle.message_event.set()
 
 
-def guarded_protocol(settings: Settings) -> type[GuardedHttpProtocol]:
-    """The protocol class for uvicorn's `http=` with the limits in `settings`."""
-    return type("GuardedHttpProtocol", (GuardedHttpProtocol,), {"limits": settings})
+def guarded_protocol(settings: Settings) -> Callable[..., GuardedHttpProtocol]:
+    """The protocol factory for uvicorn's `http=` with the limits in `settings`. A partial rather
+    than a class made on the fly: it pickles, so uvicorn can hand it to spawned worker processes."""
+    return functools.partial(GuardedHttpProtocol, limits=settings)
 
 
 def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> Any:

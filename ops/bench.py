@@ -1,6 +1,6 @@
 """Benchmark mediad against this machine's own ceilings and print the figures as Markdown.
 
-    python -m ops.bench [--only uploads|downloads|cloud|audio|tus] [--size-mib 1024] [--out FILE]
+    python -m ops.bench [--only SECTION] [--size-mib 1024] [--out FILE]
                         [--database-url URL] [--env MEDIAD_X=VALUE] [--keep]
 
 (from the repository root: the bench shares ops/harness.py with the tests)
@@ -47,6 +47,7 @@ from ops.harness import (
     cpu_seconds,
     descendants,
     free_port,
+    largest_rss_kib,
     percentile,
     proc_status,
     run_async,
@@ -256,7 +257,7 @@ class Server:
 @contextlib.contextmanager
 def mediad_server(bench_dir: Path, database_url: str | None, extra_env: dict[str, str],
                   cloud: Cloud, kind: str = "uvicorn",
-                  shared_with: Server | None = None) -> Iterator[Server]:
+                  shared_with: Server | None = None, workers: int | None = None) -> Iterator[Server]:
     """`mediad serve --server <kind>` on the bench's data dir. With `shared_with`, a second process
     on the same data dir and database (so the same node id, files and user) that leaves the
     embedded PostgreSQL, if any, to the first one."""
@@ -270,9 +271,10 @@ def mediad_server(bench_dir: Path, database_url: str | None, extra_env: dict[str
     env.update(extra_env)
     mediad = str(Path(sys.executable).parent / "mediad")
     base_url = f"http://127.0.0.1:{port}"
-    log = bench_dir / ("mediad.log" if shared_with is None else f"mediad-{kind}.log")
+    log = bench_dir / ("mediad.log" if shared_with is None else f"mediad-{kind}-{port}.log")
+    command = [mediad, "serve", "--server", kind, *(["--workers", str(workers)] if workers else [])]
     try:
-        with running([mediad, "serve", "--server", kind], env, base_url + "/health", log,
+        with running(command, env, base_url + "/health", log,
                      bench_dir) as proc:
             if shared_with is not None:
                 yield Server(base_url, proc.pid, shared_with.headers)
@@ -382,18 +384,18 @@ async def upload(server: Server, client: httpx.AsyncClient, method: str, url: st
                  size: int, *, multipart: bool = False) -> Result:
     """One upload to mediad with the server's RSS sampled and its CPU time counted."""
     want = await asyncio.to_thread(expected_sha256, buf, size)
-    cpu_before = cpu_seconds(server.pid)
-    with RssSampler(server.pid) as rss:
+    cpu_before = tree_cpu_seconds(server.pid)
+    with RssSampler(server.pid, tree=True) as rss:  # the process that received it: the largest
         sent = await send_body(client, method, url, buf, size, multipart=multipart,
                                headers=server.headers)
-    cpu = cpu_seconds(server.pid) - cpu_before
+    cpu = tree_cpu_seconds(server.pid) - cpu_before
     if sent["status"] not in (200, 201) or sent["json"].get("sha256") != want:
         raise RuntimeError(f"{method} {url} answered {sent['status']}: {sent['json']}")
     replicated = await wait_replicated(client, sent["json"]["id"], server.headers)
     await asyncio.sleep(0.3)  # let the server settle before the "after" reading
     return {"id": sent["json"]["id"], "mib_s": sent["mib_s"], "seconds": sent["seconds"],
-            "replicated_s": replicated, "peak_rss_mib": rss.peak_kib / 1024,
-            "hwm_mib": rss.hwm_kib / 1024, "rss_after_mib": proc_status(server.pid)["VmRSS"] / 1024,
+            "replicated_s": replicated, "peak_rss_mib": rss.peak_one_kib / 1024,
+            "hwm_mib": rss.hwm_kib / 1024, "rss_after_mib": largest_rss_kib(server.pid) / 1024,
             "server_cpu_pct": 100 * cpu / sent["seconds"], "client_cpu_pct": sent["client_cpu_pct"]}
 
 
@@ -653,7 +655,7 @@ async def concurrent_uploads(server: Server, buf: bytes, count: int, size: int) 
             errors.append(f"upload {i}: {exc!r}")
 
     async with httpx.AsyncClient(base_url=server.base_url, timeout=TIMEOUT, limits=limits) as client:
-        with RssSampler(server.pid) as rss:
+        with RssSampler(server.pid, tree=True) as rss:
             async with health_watched(server.base_url) as health:
                 await asyncio.gather(*(one(client, i) for i in range(count)))
     stats = health.stats()
@@ -662,7 +664,7 @@ async def concurrent_uploads(server: Server, buf: bytes, count: int, size: int) 
     for line in errors[:5]:
         print(f"bench: {line}", file=sys.stderr)
     return {"seconds": seconds, "mib_s": count * size / MiB / seconds, "errors": len(errors),
-            **stats, "peak_rss_mib": rss.peak_kib / 1024}
+            **stats, "peak_rss_mib": rss.peak_kib / 1024, "peak_one_rss_mib": rss.peak_one_kib / 1024}
 
 
 # ---- the report ---------------------------------------------------------------------------------
@@ -701,8 +703,9 @@ class Run:
     report: Report
     bench_dir: Path
     cloud: Cloud
-    # Another `mediad serve --server <kind>` on the same data dir, database and user.
-    start_server: Callable[[str], contextlib.AbstractContextManager[Server]]
+    # Another `mediad serve --server <kind>` on the same data dir, database and user (workers=N
+    # for `--workers N`).
+    start_server: Callable[..., contextlib.AbstractContextManager[Server]]
     database_url: str | None = None  # --database-url; None: mediad's embedded PostgreSQL
 
 
@@ -742,7 +745,7 @@ def payload_file(run: Run) -> Path:
 async def section_uploads(run: Run) -> None:
     server, refs, buf, size, report = run.server, run.refs, run.buf, run.size, run.report
     gib = size_label(size)
-    idle = proc_status(server.pid)["VmRSS"] / 1024
+    idle = largest_rss_kib(server.pid) / 1024
     async with httpx.AsyncClient(base_url=server.base_url, timeout=TIMEOUT) as client:
         small = await upload(server, client, "POST", "/files?name=small.bin", buf, 10 * MiB)
         multipart = await upload(server, client, "POST", "/files", buf, size, multipart=True)
@@ -761,12 +764,15 @@ async def section_uploads(run: Run) -> None:
             report.figure(f"{label}: then stored in the cloud after", result["replicated_s"], "s", 1)
         else:
             report.note(f"{label}: cloud copy", "not stored within 300 s")
-    report.figure("server VmHWM (lifetime peak RSS)", raw["hwm_mib"], "MiB", 1)
+    report.figure("server VmHWM (lifetime peak RSS, largest process)", raw["hwm_mib"], "MiB", 1)
     crowd_label = f"{CROWD} × {CROWD_SIZE // MiB} MiB concurrent uploads"
     report.figure(f"{crowd_label}: total", crowd["seconds"], "s", 2)
     report.figure(f"{crowd_label}: throughput", crowd["mib_s"], "MiB/s")
     report.note(f"{crowd_label}: errors", str(crowd["errors"]))
-    report.figure(f"{crowd_label}: peak server RSS", crowd["peak_rss_mib"], "MiB", 1)
+    workers = service_workers(server.pid)
+    report.figure(f"{crowd_label}: peak server RSS, all processes" + (f" ({workers} workers)" if workers > 1 else ""),
+                  crowd["peak_rss_mib"], "MiB", 1)
+    report.figure(f"{crowd_label}: peak RSS of the largest process", crowd["peak_one_rss_mib"], "MiB", 1)
     report_health(report, "during them", crowd)
 
     floor = 0.8 * min(refs["write_fsync_mib_s"], refs["ceiling_mib_s"])
@@ -1434,6 +1440,64 @@ def _wait_answering(url: str, timeout: float = 30) -> None:
     raise RuntimeError(f"{url} did not answer within {timeout} s")
 
 
+# ---- workers -------------------------------------------------------------------------------------
+
+WORKER_RANGE = 64 * 1024  # a media player's small range request
+WORKER_CONNECTIONS, WORKER_SECONDS = 16, 5
+
+
+def service_workers(pid: int) -> int:
+    """Worker processes of a `mediad serve` (its children less multiprocessing's resource tracker);
+    1 when it serves in-process."""
+    workers = 0
+    for child in descendants(pid):
+        with contextlib.suppress(OSError):
+            command = Path(f"/proc/{child}/cmdline").read_bytes()
+            if b"resource_tracker" not in command and b"mock-cloud" not in command:
+                workers += 1
+    return workers or 1
+
+
+def wrk_ranges(server: Server, target: str, seconds: int) -> Result:
+    """wrk, WORKER_CONNECTIONS keep-alive connections, one hot WORKER_RANGE range of one file
+    over and over: the server's per-request cost, with a client that costs little."""
+    url = f"{server.base_url}{target}"
+    headers = [*(item for name, value in server.headers.items() for item in ("-H", f"{name}: {value}")),
+               "-H", f"Range: bytes=0-{WORKER_RANGE - 1}"]
+    base = ["wrk", "-t", "2", "-c", str(WORKER_CONNECTIONS), *headers]
+    subprocess.run([*base, "-d", "1s", url], capture_output=True, check=True)  # warm up
+    cpu_before = tree_cpu_seconds(server.pid)
+    done = subprocess.run([*base, "-d", f"{seconds}s", url], capture_output=True, text=True, check=True)
+    cpu = tree_cpu_seconds(server.pid) - cpu_before
+    out = done.stdout
+    per_s = float(out.split("Requests/sec:")[1].split()[0])
+    errors = int(out.split("Non-2xx or 3xx responses:")[1].split()[0]) if "Non-2xx" in out else 0
+    return {"per_s": per_s, "errors": errors, "server_cpu_us": 1e6 * cpu / max(per_s * seconds, 1)}
+
+
+async def section_workers(run: Run) -> None:
+    """64 KiB authenticated range requests of one file, answered by `mediad serve --workers 1` and
+    `--workers 2` on the same data dir and database, with the same client."""
+    if shutil.which("wrk") is None:
+        run.report.note("range requests by worker count", "skipped: wrk is not installed")
+        return
+    async with httpx.AsyncClient(base_url=run.server.base_url, timeout=TIMEOUT) as client:
+        stored = await upload(run.server, client, "PUT", "/files?path=/bench/workers.bin", run.buf, 64 * MiB)
+    target = f"/files/{stored['id']}/content"
+    got = {}
+    for workers in (1, 2):
+        with run.start_server("uvicorn", workers=workers) as server:
+            got[workers] = await asyncio.to_thread(wrk_ranges, server, target, WORKER_SECONDS)
+    label = f"{WORKER_RANGE // 1024} KiB range requests, {WORKER_CONNECTIONS} connections (wrk, uvicorn)"
+    run.report.note(f"{label}: 1 worker / 2 workers",
+                    f"{got[1]['per_s']:,.0f} / {got[2]['per_s']:,.0f} req/s "
+                    f"({got[1]['errors'] + got[2]['errors']} errors)")
+    run.report.note(f"{label}: server CPU per request, 1 / 2 workers",
+                    f"{got[1]['server_cpu_us']:,.0f} / {got[2]['server_cpu_us']:,.0f} µs")
+    ratio = got[2]["per_s"] / got[1]["per_s"]
+    run.report.figure(f"{label}: 2 workers ÷ 1 worker", ratio, "×", 2)
+
+
 SECTIONS: dict[str, Callable[[Run], Awaitable[None]]] = {
     "uploads": section_uploads,
     "downloads": section_downloads,
@@ -1442,6 +1506,7 @@ SECTIONS: dict[str, Callable[[Run], Awaitable[None]]] = {
     "audio": section_audio,
     "tus": section_tus,
     "webhooks": section_webhooks,
+    "workers": section_workers,
 }
 
 
@@ -1499,7 +1564,7 @@ def main(argv: list[str] | None = None) -> int:
             launch = functools.partial(mediad_server, bench_dir, args.database_url, extra_env, cloud)
             server = stack.enter_context(launch())
             run = Run(server, refs, buf, size, report, bench_dir, cloud,
-                      lambda kind: launch(kind, shared_with=server), args.database_url)
+                      lambda kind, **options: launch(kind, shared_with=server, **options), args.database_url)
             run_async(run_sections(args.only or list(SECTIONS), run))
         report.figure("load average at the end", os.getloadavg()[0], "", 2)
         failed = False

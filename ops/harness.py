@@ -133,20 +133,41 @@ class Sampler:
                 return
 
 
+def tree_rss_kib(pid: int) -> list[int]:
+    """VmRSS of a process and of each live descendant: `mediad serve --workers N` and its workers."""
+    sizes = []
+    for one in (pid, *descendants(pid)):
+        with contextlib.suppress(OSError, KeyError):
+            sizes.append(proc_status(one)["VmRSS"])
+    return sizes
+
+
+def largest_rss_kib(pid: int) -> int:
+    """The largest VmRSS among a process and its descendants: the worker busy with an upload."""
+    return max(tree_rss_kib(pid), default=0)
+
+
 class RssSampler(Sampler):
     """Samples a process's RSS while the block runs; with `child_prefix`, also the peak RSS and
-    the CPU of its descendants of that name (ffmpeg)."""
+    the CPU of its descendants of that name (ffmpeg); with `tree`, the peak RSS is the sum over
+    the process and its descendants (a service's workers) and `peak_one_kib` that of the largest."""
 
-    def __init__(self, pid: int, interval: float = 0.02, child_prefix: str | None = None) -> None:
+    def __init__(self, pid: int, interval: float = 0.02, child_prefix: str | None = None,
+                 tree: bool = False) -> None:
         super().__init__(interval)
-        self.pid, self.child_prefix = pid, child_prefix
-        self.peak_kib = self.hwm_kib = self.child_peak_kib = 0
+        self.pid, self.child_prefix, self.tree = pid, child_prefix, tree
+        self.peak_kib = self.hwm_kib = self.child_peak_kib = self.peak_one_kib = 0
         self.child_cpu: dict[int, float] = {}  # pid → CPU seconds when last seen alive
 
     def tick(self) -> None:
         status = proc_status(self.pid)
-        self.peak_kib = max(self.peak_kib, status["VmRSS"])
+        sizes = tree_rss_kib(self.pid) if self.tree else [status["VmRSS"]]
+        self.peak_kib = max(self.peak_kib, sum(sizes))
+        self.peak_one_kib = max(self.peak_one_kib, *sizes)
         self.hwm_kib = status["VmHWM"]
+        for child in descendants(self.pid) if self.tree else ():
+            with contextlib.suppress(OSError, KeyError):
+                self.hwm_kib = max(self.hwm_kib, proc_status(child)["VmHWM"])
         if self.child_prefix:
             self._sample_children(self.child_prefix)
 

@@ -147,7 +147,9 @@ def mediad_process(data_dir: Path, *, database_url: str | None, server: str = "u
     port = free_port()
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("MEDIAD_")}
     full_env.update({"MEDIAD_DATA_DIR": str(data_dir), "MEDIAD_PORT": str(port),
-                     "MEDIAD_HOST": "127.0.0.1", "MEDIAD_MAX_UPLOAD_BYTES": str(TEST_MAX_UPLOAD)})
+                     "MEDIAD_HOST": "127.0.0.1", "MEDIAD_MAX_UPLOAD_BYTES": str(TEST_MAX_UPLOAD),
+                     # One process unless a test asks for more (MEDIAD_TEST_WORKERS runs them all so).
+                     "MEDIAD_WORKERS": os.environ.get("MEDIAD_TEST_WORKERS", "1")})
     if database_url:
         full_env["MEDIAD_DATABASE_URL"] = database_url
     full_env.update(env or {})

@@ -51,3 +51,13 @@ def test_an_s3_bucket_needs_its_endpoint_and_keys() -> None:
     for missing in ("MEDIAD_S3_ENDPOINT_URL", "MEDIAD_S3_ACCESS_KEY", "MEDIAD_S3_SECRET_KEY"):
         with pytest.raises(ConfigError, match=missing):
             load_settings({k: v for k, v in complete.items() if k != missing}, env_file=None)
+
+
+def test_workers_default_to_the_usable_cpus_and_must_be_at_least_one() -> None:
+    import os
+
+    assert load_settings({}, env_file=None).workers == len(os.sched_getaffinity(0))
+    assert load_settings({"MEDIAD_WORKERS": "3"}, env_file=None).workers == 3
+    for value in ("0", "-2", "many"):
+        with pytest.raises(ConfigError, match="MEDIAD_WORKERS"):
+            load_settings({"MEDIAD_WORKERS": value}, env_file=None)

@@ -231,8 +231,10 @@ class Node:
     """`mediad serve` on one data dir and one database: started, SIGKILLed and restarted as often as
     a test likes. Several nodes may share a database, a cloud, or a data dir."""
 
-    def __init__(self, name: str, data_dir: Path, database_url: str, env: dict[str, str]) -> None:
+    def __init__(self, name: str, data_dir: Path, database_url: str, env: dict[str, str],
+                 server: str = "uvicorn") -> None:
         self.name = name
+        self.server_kind = server
         self.data_dir = data_dir
         self.database_url = database_url
         self.env = env
@@ -255,7 +257,7 @@ class Node:
         stack = contextlib.ExitStack()
         log = self.data_dir.parent / f"{self.name}-{self.starts}.log"
         self.server = stack.enter_context(mediad_process(self.data_dir, database_url=self.database_url,
-                                                         env=self.env, log_path=log))
+                                                         server=self.server_kind, env=self.env, log_path=log))
         self._stack = stack
         return self
 
@@ -299,14 +301,15 @@ NodeFactory = Callable[..., Node]
 
 @pytest.fixture
 def nodes(tmp_path: Path) -> Iterator[NodeFactory]:
-    """`spawn(name, database_url, cloud=…, data_dir=…, start=True, MEDIAD_X="…")` → a running Node;
-    all of them are stopped after the test."""
+    """`spawn(name, database_url, cloud=…, data_dir=…, server="uvicorn", start=True, MEDIAD_X="…")`
+    → a running Node; all of them are stopped after the test. Nodes run one worker process
+    (MEDIAD_TEST_WORKERS changes that for the whole suite) unless a test sets MEDIAD_WORKERS."""
     spawned: list[Node] = []
 
     def spawn(name: str, database_url: str, *, cloud: Cloud | None = None, data_dir: Path | None = None,
-              start: bool = True, **env: Any) -> Node:
+              server: str = "uvicorn", start: bool = True, **env: Any) -> Node:
         settings = {**FAST, **(cloud.env if cloud is not None else {}), **{k: str(v) for k, v in env.items()}}
-        node = Node(name, data_dir or tmp_path / name / "data", database_url, settings)
+        node = Node(name, data_dir or tmp_path / name / "data", database_url, settings, server)
         spawned.append(node)
         return node.start() if start else node
 
