@@ -24,14 +24,17 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
-from . import audio, auth, downloads, files, links, openapi, tus, uploads
+from . import audio, auth, downloads, files, links, openapi, previews, tus, uploads
 from .cleanup import AccessTracker, cleanup_loop, recover
 from .cloud import CloudError, ObjectStore, Replicator
 from .config import Settings
 from .db import create_engine
 from .errors import DATABASE_UNAVAILABLE, MediaError, database_unavailable, error_response, problem
+from .media import Prober
+from .mediapool import MediaPool
 from .metrics import Metrics, TelemetryMiddleware, metrics_endpoint
 from .storage import Storage
+from .thumbnails import Thumbnailer
 
 log = logging.getLogger("mediad")
 
@@ -83,6 +86,7 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
                 app.state.replicator = Replicator(engine, storage, app.state.store, settings)
                 replication = asyncio.create_task(app.state.replicator.run(), name="replication")
                 stack.push_async_callback(_stop, replication)
+            await _start_media(app, stack, engine, storage, settings)
             if settings.cleanup_interval_s > 0:
                 loop = asyncio.create_task(
                     cleanup_loop(engine, storage, settings, app.state.access, app.state), name="cleanup")
@@ -103,6 +107,7 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
         Route("/files/{file_id}", files.delete, methods=["DELETE"]),
         Route("/files/{file_id}/content", downloads.content, methods=["GET", "HEAD"]),
         Route("/files/{file_id}/links", links.create_link, methods=["POST"]),
+        Route("/files/{file_id}/thumbnail", previews.thumbnail, methods=["GET", "HEAD"]),
         Route("/download", downloads.download, methods=["GET", "HEAD"]),
         Route("/usage", files.usage, methods=["GET"]),
         Route("/records", audio.post_records, methods=["POST"]),
@@ -127,6 +132,18 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
         },
         lifespan=lifespan,
     )
+
+
+async def _start_media(app: Starlette, stack: contextlib.AsyncExitStack, engine: AsyncEngine, storage: Storage,
+                       settings: Settings) -> None:
+    """Probing of committed Files and the thumbnail generators, sharing one pool of workers."""
+    pool = MediaPool(settings.media_workers, settings.media_timeout_s)
+    stack.push_async_callback(pool.close)
+    app.state.thumbnails = Thumbnailer(storage.root, pool, settings.media_max_pixels)
+    stack.push_async_callback(app.state.thumbnails.close)
+    app.state.prober = Prober(engine, storage, pool, app.state.thumbnails, settings.media_max_pixels)
+    probing = asyncio.create_task(app.state.prober.run(), name="media-probing")
+    stack.push_async_callback(_stop, probing)
 
 
 async def _flush_quietly(tracker: AccessTracker, engine: AsyncEngine) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg  # type: ignore[import-untyped]
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.dialects.postgresql import UUID, insert
+from sqlalchemy.dialects.postgresql import JSONB, UUID, insert
 from sqlalchemy.engine import Dialect, ExceptionContext, Row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -52,6 +52,10 @@ tokens = sa.Table(
 )
 
 CLOUD_STATES = ("pending", "stored", "failed")
+MEDIA_STATES = ("pending", "ready", "failed")
+MEDIA_KINDS = ("image", "video", "audio", "other")
+MEDIA_KIND_SQL = ("COALESCE(media ->> 'kind', CASE split_part(format, '/', 1) WHEN 'image' THEN 'image' "
+                  "WHEN 'video' THEN 'video' WHEN 'audio' THEN 'audio' ELSE 'other' END)")
 
 files = sa.Table(
     "files",
@@ -82,11 +86,21 @@ files = sa.Table(
     sa.Column("cloud_last_error", sa.Text),
     # A worker's claim on the push of this row; another process may take it once it lapses.
     sa.Column("cloud_lease_until", TZ),
+    # Probing (mediad/media.py): every new or replaced content starts pending, so a restart finds
+    # what was missed; `media` is the File's "media" object once probed (never GPS).
+    sa.Column("media_state", sa.Text, nullable=False, server_default="pending"),
+    sa.Column("media", JSONB),
+    sa.Column("media_lease_until", TZ),
+    # The one definition of a File's kind (GET /files?kind=): the probe's answer once there is
+    # one, before that the detected format's top-level type.
+    sa.Column("media_kind", sa.Text, sa.Computed(MEDIA_KIND_SQL, persisted=True)),
     sa.UniqueConstraint("owner_id", "path"),
     sa.CheckConstraint(f"cloud_state IN {CLOUD_STATES!r}", name="cloud_state"),
+    sa.CheckConstraint(f"media_state IN {MEDIA_STATES!r}", name="media_state"),
     sa.CheckConstraint("size >= 0", name="size"),
     sa.Index("ix_files_owner_created", "owner_id", "created_at", "id"),
     sa.Index("ix_files_cloud_due", "cloud_state", "cloud_next_attempt_at"),
+    sa.Index("ix_files_media_state", "media_state"),
 )
 
 records = sa.Table(
@@ -302,6 +316,7 @@ async def put_file(conn: AsyncConnection, values: dict[str, Any]) -> tuple[Row[A
                         "cloud_state": "pending", "cloud_stored_at": None, "cloud_attempts": 0,
                         "cloud_next_attempt_at": sa.func.now(), "cloud_last_error": None,
                         "cloud_lease_until": None,
+                        "media_state": "pending", "media": None, "media_lease_until": None,
                     })
                     .returning(files)
                 )).one()
@@ -315,8 +330,11 @@ async def put_file(conn: AsyncConnection, values: dict[str, Any]) -> tuple[Row[A
 
 
 async def list_files(conn: AsyncConnection, owner_id: uuid.UUID, *, prefix: str | None,
-                     after: tuple[datetime, uuid.UUID] | None, limit: int) -> Sequence[Row[Any]]:
+                     after: tuple[datetime, uuid.UUID] | None, limit: int,
+                     kind: str | None = None) -> Sequence[Row[Any]]:
     query = sa.select(files).where(files.c.owner_id == owner_id)
+    if kind is not None:
+        query = query.where(files.c.media_kind == kind)
     if prefix:
         escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         query = query.where(files.c.path.like(escaped + "%", escape="\\"))
@@ -522,3 +540,35 @@ async def record_file(conn: AsyncConnection, file_id: uuid.UUID, user_id: uuid.U
         sa.select(files).join(records, records.c.file_id == files.c.id)
         .where(files.c.id == file_id, files.c.owner_id == user_id))
     return result.first()
+
+
+# ---- media probing ------------------------------------------------------------------------------
+# Claimed like pushes, with a lease: FOR UPDATE SKIP LOCKED lets several processes take disjoint
+# rows in one statement, and a lease that lapses (its holder died) makes the row claimable again.
+
+async def claim_probes(conn: AsyncConnection, node: uuid.UUID, limit: int, lease_s: float) -> Sequence[Row[Any]]:
+    """Up to `limit` pending Files whose bytes are on this node's disk, leased to the caller."""
+    due = (sa.select(files.c.id)
+           .where(files.c.media_state == "pending", files.c.node == node,
+                  _claimable(files, "media_lease_until"))
+           .order_by(files.c.created_at).limit(limit)
+           .with_for_update(skip_locked=True).scalar_subquery())
+    result = await conn.execute(
+        sa.update(files).where(files.c.id.in_(due))
+        .values(media_lease_until=_lease(lease_s))
+        .returning(files.c.id, files.c.blob_id, files.c.format, files.c.media_kind))
+    return result.all()
+
+
+async def finish_probe(conn: AsyncConnection, file_id: uuid.UUID, blob_id: uuid.UUID,
+                       media: dict[str, Any]) -> Row[Any] | None:
+    """Store a probe's result, unless the content was replaced meanwhile; the File as it is now."""
+    result = await conn.execute(
+        sa.update(files).where(_same_push(file_id, blob_id), files.c.media_state == "pending")
+        .values(media=media, media_state=media["status"], media_lease_until=None)
+        .returning(files))
+    return result.first()
+
+
+async def release_probe(conn: AsyncConnection, file_id: uuid.UUID, blob_id: uuid.UUID) -> None:
+    await conn.execute(sa.update(files).where(_same_push(file_id, blob_id)).values(media_lease_until=None))

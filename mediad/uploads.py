@@ -161,6 +161,7 @@ async def commit_upload(state: State, owner_id: uuid.UUID, blob: Blob, *, name: 
         state.replicator.enqueue(row.id)
         if displaced is not None:
             state.replicator.deletions_queued()
+    await state.prober.committed(displaced)  # probe the new content; the displaced one's thumbnails go
     return row, displaced is not None
 
 
