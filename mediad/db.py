@@ -54,8 +54,16 @@ tokens = sa.Table(
 CLOUD_STATES = ("pending", "stored", "failed")
 MEDIA_STATES = ("pending", "ready", "failed")
 MEDIA_KINDS = ("image", "video", "audio", "other")
-MEDIA_KIND_SQL = ("COALESCE(media ->> 'kind', CASE split_part(format, '/', 1) WHEN 'image' THEN 'image' "
-                  "WHEN 'video' THEN 'video' WHEN 'audio' THEN 'audio' ELSE 'other' END)")
+_PROBED_KINDS = ("image", "video", "audio")
+
+
+def initial_media(format: str) -> dict[str, Any]:
+    """A new content's media columns: pending when probing can tell more, else known at once."""
+    kind = format.split("/", 1)[0]
+    if kind in _PROBED_KINDS:
+        return {"media_kind": kind, "media_state": "pending", "media": None, "media_lease_until": None}
+    return {"media_kind": "other", "media_state": "ready", "media_lease_until": None,
+            "media": {"kind": "other", "status": "ready", "error": None}}
 
 files = sa.Table(
     "files",
@@ -91,9 +99,8 @@ files = sa.Table(
     sa.Column("media_state", sa.Text, nullable=False, server_default="pending"),
     sa.Column("media", JSONB),
     sa.Column("media_lease_until", TZ),
-    # The one definition of a File's kind (GET /files?kind=): the probe's answer once there is
-    # one, before that the detected format's top-level type.
-    sa.Column("media_kind", sa.Text, sa.Computed(MEDIA_KIND_SQL, persisted=True)),
+    # GET /files?kind=: the detected format's top-level type until the probe says better.
+    sa.Column("media_kind", sa.Text, nullable=False, server_default="other"),
     sa.UniqueConstraint("owner_id", "path"),
     sa.CheckConstraint(f"cloud_state IN {CLOUD_STATES!r}", name="cloud_state"),
     sa.CheckConstraint(f"media_state IN {MEDIA_STATES!r}", name="media_state"),
@@ -299,6 +306,7 @@ async def put_file(conn: AsyncConnection, values: dict[str, Any]) -> tuple[Row[A
     loser of the race becomes a replace and no blob is left without a row.
     """
     path = values.get("path")
+    values = {**values, **initial_media(values["format"])}
     while True:
         if path is not None:
             current = (await conn.execute(
@@ -316,7 +324,6 @@ async def put_file(conn: AsyncConnection, values: dict[str, Any]) -> tuple[Row[A
                         "cloud_state": "pending", "cloud_stored_at": None, "cloud_attempts": 0,
                         "cloud_next_attempt_at": sa.func.now(), "cloud_last_error": None,
                         "cloud_lease_until": None,
-                        "media_state": "pending", "media": None, "media_lease_until": None,
                     })
                     .returning(files)
                 )).one()
@@ -565,7 +572,7 @@ async def finish_probe(conn: AsyncConnection, file_id: uuid.UUID, blob_id: uuid.
     """Store a probe's result, unless the content was replaced meanwhile; the File as it is now."""
     result = await conn.execute(
         sa.update(files).where(_same_push(file_id, blob_id), files.c.media_state == "pending")
-        .values(media=media, media_state=media["status"], media_lease_until=None)
+        .values(media=media, media_state=media["status"], media_kind=media["kind"], media_lease_until=None)
         .returning(files))
     return result.first()
 

@@ -54,9 +54,8 @@ def failed(kind: str, error: str) -> Media:
 # ---- probing (runs in a worker process) ---------------------------------------------------------
 
 def probe(path: str, kind: str, max_pixels: int) -> Media:
-    """The File's "media" object; never raises for a bad file (it is `failed` with a reason)."""
-    if kind == "other":
-        return {"kind": "other", "status": "ready", "error": None}
+    """The File's "media" object for a File of `kind` (image, video or audio, from its format);
+    never raises for a bad file: it is `failed` with a reason."""
     try:
         media = probe_image(path, max_pixels) if kind == "image" else probe_av(path, max_pixels)
     except ProbeFailed as exc:

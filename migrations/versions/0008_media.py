@@ -17,17 +17,19 @@ down_revision: str | None = "0004"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-# Kept literally here (not imported from mediad.db): a migration is a fixed point in history.
-MEDIA_KIND_SQL = ("COALESCE(media ->> 'kind', CASE split_part(format, '/', 1) WHEN 'image' THEN 'image' "
-                  "WHEN 'video' THEN 'video' WHEN 'audio' THEN 'audio' ELSE 'other' END)")
 
 
 def upgrade() -> None:
-    # Existing Files start pending too: the first start after the upgrade probes them.
     op.add_column("files", sa.Column("media_state", sa.Text(), server_default="pending", nullable=False))
     op.add_column("files", sa.Column("media", postgresql.JSONB(), nullable=True))
     op.add_column("files", sa.Column("media_lease_until", sa.DateTime(timezone=True), nullable=True))
-    op.add_column("files", sa.Column("media_kind", sa.Text(), sa.Computed(MEDIA_KIND_SQL, persisted=True)))
+    op.add_column("files", sa.Column("media_kind", sa.Text(), server_default="other", nullable=False))
+    # Existing images, videos and audio are probed on the first start after the upgrade; the rest
+    # are known at once (as mediad.db.initial_media decides for new content).
+    op.execute("UPDATE files SET media_kind = split_part(format, '/', 1) "
+               "WHERE split_part(format, '/', 1) IN ('image', 'video', 'audio')")
+    op.execute("""UPDATE files SET media_state = 'ready', media = '{"kind": "other", "status": "ready", """
+               """"error": null}'::jsonb WHERE media_kind = 'other'""")
     op.create_check_constraint(op.f("ck_files_media_state"), "files",
                                "media_state IN ('pending', 'ready', 'failed')")
     op.create_index(op.f("ix_files_media_state"), "files", ["media_state"])
