@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-import anyio
 from sqlalchemy.engine import Row
 from starlette.requests import Request
 from starlette.responses import Response
@@ -27,11 +25,6 @@ def no_picture_reason(row: Row[Any]) -> str | None:
     if row.media_state == "failed":
         return f"no thumbnail can be made for this file: {row.media['error']}"
     return None
-
-
-def _read(path: os.PathLike[str]) -> bytes:
-    with open(path, "rb") as file:
-        return file.read()
 
 
 async def thumbnail(request: Request) -> Response:
@@ -59,8 +52,7 @@ async def thumbnail(request: Request) -> Response:
     if reason is not None:
         raise NotFound(reason)
     source = state.storage.blob_path(row.blob_id)
-    path = await state.thumbnails.make(row.blob_id, source, row.media_kind, size, fmt,
-                                       local=row.node == state.storage.node_id)
-    body = await anyio.to_thread.run_sync(_read, path)
+    body = await state.thumbnails.picture(row.blob_id, source, row.media_kind, size, fmt,
+                                          local=row.node == state.storage.node_id)
     headers["x-content-type-options"] = "nosniff"
     return Response(body, headers=headers, media_type=MEDIA_TYPES[fmt])  # the server drops it for HEAD

@@ -187,6 +187,14 @@ def _encode(image: Any, fmt: str) -> bytes:
 
 # ---- the server side ----------------------------------------------------------------------------
 
+def _read_if_there(path: Path) -> bytes | None:
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except FileNotFoundError:
+        return None
+
+
 class Thumbnailer:
     """Finds or makes derived files; one generation per cache path however many ask at once."""
 
@@ -196,13 +204,14 @@ class Thumbnailer:
         self.max_pixels = max_pixels
         self._making: dict[Path, asyncio.Task[None]] = {}
 
-    async def make(self, blob_id: uuid.UUID, source: Path, kind: str, size: int, fmt: str, *,
-                   local: bool = True) -> Path:
-        """The cached thumbnail's path, generating it first if needed: NotFound with the reason
-        when there is no picture, ServiceUnavailable when every worker stays busy."""
+    async def picture(self, blob_id: uuid.UUID, source: Path, kind: str, size: int, fmt: str, *,
+                      local: bool = True) -> bytes:
+        """The thumbnail's bytes, made first if not cached: NotFound with the reason when there
+        is no picture, ServiceUnavailable when every worker stays busy."""
         target = cache_path(self.root, blob_id, size, fmt)
-        if await asyncio.to_thread(target.exists):
-            return target
+        cached = await asyncio.to_thread(_read_if_there, target)  # one thread hop for a cached one
+        if cached is not None:
+            return cached
         if not local:
             raise NotFound("this thumbnail was not made before the file's bytes moved to the cloud, "
                            "and thumbnails are only made from bytes on this server's disk")
@@ -219,7 +228,10 @@ class Thumbnailer:
             raise ServiceUnavailable("every thumbnail generator is busy; retry shortly", retry_after=2) from None
         except WorkerFailed as exc:
             raise NotFound(f"no thumbnail can be made for this file: {exc}") from None
-        return target
+        made = await asyncio.to_thread(_read_if_there, target)
+        if made is None:  # removed at once by a replace or delete of the content
+            raise NotFound("the file's content changed while its thumbnail was being made")
+        return made
 
     async def _generate(self, target: Path, job: dict[str, Any]) -> None:
         await asyncio.to_thread(target.parent.mkdir, parents=True, exist_ok=True)
