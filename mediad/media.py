@@ -259,6 +259,10 @@ class Prober:
         await anyio.to_thread.run_sync(self.thumbnails.forget, blob_id)
 
     async def run(self) -> None:
+        try:
+            await self._sweep_derived()
+        except Exception as exc:  # the database may be down: strays wait for the next start
+            log.warning("could not look for stray thumbnails: %s", exc.__class__.__name__)
         while True:
             try:
                 while await self._batch():
@@ -268,6 +272,18 @@ class Prober:
             with anyio.move_on_after(_POLL_S):
                 await self._due.wait()
             self._due.clear()
+
+    async def _sweep_derived(self) -> None:
+        """Derived files whose content is gone (a crash between a delete and their removal)."""
+        present = await anyio.to_thread.run_sync(self.thumbnails.derived_blobs)
+        if not present:
+            return
+        async with self.engine.connect() as conn:
+            stray = present - await db.blob_ids(conn)
+        for blob_id in stray:
+            await self.forget(blob_id)
+        if stray:
+            log.info("removed the thumbnails of %d contents that no File holds any more", len(stray))
 
     async def _batch(self) -> int:
         async with self.engine.begin() as conn:

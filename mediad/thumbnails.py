@@ -8,12 +8,14 @@ about 10 % in, scaled by FFmpeg's swscale; an audio file's is its attached cover
 Derived files live under `<data dir>/derived/<blob>/`, one directory per stored content, so they
 go with the content (delete, replace) and are no one's usage. They are never replicated; they are
 kept when the content is evicted to the cloud, since they are what a gallery of evicted files
-still needs, and are made again from the local bytes if lost.
+still needs, and one not made yet (or lost) is made again from a temporary copy read back from
+the cloud.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import uuid
@@ -204,17 +206,15 @@ class Thumbnailer:
         self.max_pixels = max_pixels
         self._making: dict[Path, asyncio.Task[None]] = {}
 
-    async def picture(self, blob_id: uuid.UUID, source: Path, kind: str, size: int, fmt: str, *,
-                      local: bool = True) -> bytes:
-        """The thumbnail's bytes, made first if not cached: NotFound with the reason when there
-        is no picture, ServiceUnavailable when every worker stays busy."""
+    async def cached(self, blob_id: uuid.UUID, size: int, fmt: str) -> bytes | None:
+        """A thumbnail made before, read in one thread hop; None when there is none yet."""
+        return await asyncio.to_thread(_read_if_there, cache_path(self.root, blob_id, size, fmt))
+
+    async def make(self, blob_id: uuid.UUID, source: Path, kind: str, size: int, fmt: str) -> bytes:
+        """Make the thumbnail from `source` (once, however many ask at the same time) and return it:
+        NotFound with the reason when there is no picture, ServiceUnavailable when every worker
+        stays busy."""
         target = cache_path(self.root, blob_id, size, fmt)
-        cached = await asyncio.to_thread(_read_if_there, target)  # one thread hop for a cached one
-        if cached is not None:
-            return cached
-        if not local:
-            raise NotFound("this thumbnail was not made before the file's bytes moved to the cloud, "
-                           "and thumbnails are only made from bytes on this server's disk")
         task = self._making.get(target)
         if task is None:
             job = {"op": "thumbnail", "path": str(source), "kind": kind, "size": size, "format": fmt,
@@ -236,6 +236,16 @@ class Thumbnailer:
     async def _generate(self, target: Path, job: dict[str, Any]) -> None:
         await asyncio.to_thread(target.parent.mkdir, parents=True, exist_ok=True)
         await self.pool.run(job, wait=_WAIT_FOR_WORKER_S)
+
+    def derived_blobs(self) -> set[uuid.UUID]:
+        """The contents that have derived files on disk (blocking)."""
+        found = set()
+        with contextlib.suppress(FileNotFoundError):
+            for shard in os.scandir(self.root / "derived"):
+                for entry in os.scandir(shard.path):
+                    with contextlib.suppress(ValueError):
+                        found.add(uuid.UUID(hex=entry.name))
+        return found
 
     def forget(self, blob_id: uuid.UUID) -> None:
         """Remove every derived file of a content (blocking: call it off the event loop)."""

@@ -7,14 +7,31 @@ import asyncio
 import hashlib
 import statistics
 import time
+import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import media_samples as samples
 import pytest
-from conftest import Server, User, assert_problem, upload
+from conftest import (
+    MockCloud,
+    Server,
+    User,
+    assert_problem,
+    cloud_settings,
+    make_settings,
+    make_user,
+    serve_in_thread,
+    upload,
+)
 from test_media import probed
+
+from mediad.cleanup import sweep
+from mediad.db import create_engine
+from mediad.storage import Storage
+from mediad.thumbnails import blob_dir
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -221,3 +238,54 @@ async def test_busy_thumbnails_leave_the_server_responsive(client: httpx.AsyncCl
     assert len(latencies) >= 20 and p99 < 0.1, (len(latencies), p99)
     assert hashlib.sha256((await client.get(f"/files/{file['id']}/content", headers=user.auth)).content
                           ).hexdigest() == file["sha256"]
+
+
+async def test_thumbnails_outlive_eviction_and_are_made_from_the_cloud(database_url: str, tmp_path: Path,
+                                                                       mock_cloud: MockCloud) -> None:
+    settings = cloud_settings(tmp_path / "data", mock_cloud, cleanup_interval_s=0)
+    with serve_in_thread(settings, database_url) as running:
+        async with httpx.AsyncClient(base_url=running.url, timeout=60) as http:
+            user = await make_user(http)
+            file = await upload(http, user, samples.photo(width=400, height=300, orientation=6), name="e.jpg")
+            made = await thumb(http, user, file["id"], 32)
+            for _ in range(400):
+                if (await http.get(f"/files/{file['id']}", headers=user.auth)).json()["cloud"]["state"] == "stored":
+                    break
+                await asyncio.sleep(0.05)
+            engine = create_engine(database_url, settings)
+            try:
+                storage = Storage(settings.data_dir)
+                storage.prepare()
+                report = await sweep(engine, storage, settings, now=datetime.now(UTC) + timedelta(days=30))
+            finally:
+                await engine.dispose()
+            assert report.evicted_files == 1
+            assert (await http.get(f"/files/{file['id']}", headers=user.auth)).json()["local"] is False
+            kept = await thumb(http, user, file["id"], 32)  # derived files stay: the gallery still works
+            assert kept.status_code == 200 and kept.content == made.content
+            fresh = await thumb(http, user, file["id"], 40)  # made from a copy read back from the cloud
+            assert fresh.status_code == 200, fresh.text
+            assert (samples.decode(fresh.content).width, samples.decode(fresh.content).height) == (30, 40)
+            assert running.stray_temp_files() == [] and running.blob_files() == []
+
+
+async def test_stray_thumbnails_are_removed_at_start(database_url: str, tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "data")
+    with serve_in_thread(settings, database_url) as running:
+        async with httpx.AsyncClient(base_url=running.url, timeout=60) as http:
+            user = await make_user(http)
+            kept = await upload(http, user, samples.png_alpha(), name="kept.png")
+            assert (await thumb(http, user, kept["id"], 32)).status_code == 200
+    # As a crash between a delete's commit and the removal of its thumbnails would leave them.
+    stray = blob_dir(settings.data_dir.resolve(), uuid.uuid4())
+    stray.mkdir(parents=True)
+    (stray / "32.g1.webp").write_bytes(b"old")
+    with serve_in_thread(settings, database_url) as running:
+        async with httpx.AsyncClient(base_url=running.url, timeout=60) as http:
+            for _ in range(200):
+                if not stray.exists():
+                    break
+                await asyncio.sleep(0.05)
+            assert not stray.exists()
+            again = await http.get(f"/files/{kept['id']}/thumbnail?size=32", headers={**user.auth, **WEBP})
+            assert again.status_code == 200 and len(_derived(running)) == 1
