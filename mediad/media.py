@@ -65,7 +65,7 @@ def probe(path: str, kind: str, max_pixels: int) -> Media:
 
 def image_header(path_or_buffer: str | bytes, max_pixels: int) -> Any:
     """A lazily loaded pyvips image (header only), refused before any decoding when over limits."""
-    import pyvips
+    import pyvips  # type: ignore[import-untyped]
 
     try:
         if isinstance(path_or_buffer, bytes):

@@ -154,7 +154,7 @@ def main() -> None:
     limit = int(sys.argv[1])
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     os.nice(_NICENESS)
-    import pyvips
+    import pyvips  # type: ignore[import-untyped]
 
     pyvips.cache_set_max(0)  # every job reads another file: libvips' operation cache only holds memory
     pyvips.concurrency_set(1)  # one core per worker; MEDIAD_MEDIA_WORKERS sets the parallelism

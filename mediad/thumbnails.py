@@ -115,7 +115,7 @@ def render(path: str, kind: str, size: int, fmt: str, out: str, max_pixels: int)
 
 
 def _image(source: str | bytes, size: int, max_pixels: int) -> Any:
-    import pyvips
+    import pyvips  # type: ignore[import-untyped]
 
     image_header(source, max_pixels)  # format allowlist and the pixel limit, from the header
     try:
@@ -153,7 +153,7 @@ def _cover(container: Any) -> bytes:
 
 def _poster(container: Any, video: Any, size: int) -> Any:
     import av
-    import pyvips
+    import pyvips  # type: ignore[import-untyped]
 
     if container.duration and container.duration > 0:
         try:  # to the keyframe at or before 10 %: decoding on to the exact frame costs a GOP

@@ -4,6 +4,7 @@ rejected upload; the kind filter; replace and restart."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 import uuid
@@ -219,3 +220,23 @@ async def test_a_probe_past_the_timeout_is_stopped(database_url: str, tmp_path: 
             assert media == {"kind": "video", "status": "failed",
                              "error": "it took longer than the 0.05 s allowed and was stopped"}
             assert (await http.get("/health")).status_code == 200
+
+
+async def test_every_kind_of_upload_is_probed(client: httpx.AsyncClient, user: User) -> None:
+    photo = samples.png_alpha(20, 10)
+    multipart = await client.post("/files", headers=user.auth, files={"file": ("m.png", photo, "image/png")})
+    assert multipart.status_code == 201, multipart.text
+    tus = await client.post("/uploads", content=photo, headers={
+        **user.auth, "Tus-Resumable": "1.0.0", "Upload-Length": str(len(photo)),
+        "Upload-Metadata": "filename " + base64.b64encode(b"t.png").decode(),
+        "Content-Type": "application/offset+octet-stream"})
+    assert tus.status_code == 201, tus.text
+    record = await client.post("/records", headers=user.auth,
+                               files={"file": ("take.wav", samples.wav(seconds=1.0), "audio/wav")})
+    assert record.status_code == 201, record.text
+    for file_id in (multipart.json()["id"], tus.headers["mediad-file-id"]):
+        media = (await probed(client, user, file_id))["media"]
+        assert (media["kind"], media["width"], media["height"]) == ("image", 20, 10)
+    mp3 = (await probed(client, user, record.json()["id"]))["media"]
+    assert (mp3["kind"], mp3["container"], mp3["audio_codec"]) == ("audio", "mp3", "mp3")
+    assert _close(mp3["duration_s"], 1.0, 0.1)
