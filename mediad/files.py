@@ -87,6 +87,8 @@ async def list_(request: Request) -> JSONResponse:
     prefix = params.get("prefix") or None
     if prefix is not None and not prefix.startswith("/"):
         raise Unprocessable("prefix must be an absolute path (start with /)")
+    if prefix is not None and "\x00" in prefix:  # PostgreSQL text cannot hold NUL: no path has one
+        raise Unprocessable("prefix must not contain NUL")
     after = decode_cursor(params["cursor"]) if params.get("cursor") else None
     kind = params.get("kind")
     if kind is not None and kind not in db.MEDIA_KINDS:
