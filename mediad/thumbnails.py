@@ -19,6 +19,7 @@ import contextlib
 import os
 import shutil
 import uuid
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ MIN_SIZE, MAX_SIZE, DEFAULT_SIZE = 16, 2048, 256
 GENERATION = 1
 MEDIA_TYPES = {"webp": "image/webp", "jpeg": "image/jpeg"}
 _QUALITY = {"webp": 80, "jpeg": 82}
+HOT_BYTES = 16 * 1024 * 1024  # recently served thumbnails kept in memory: a gallery asks again and again
 _WAIT_FOR_WORKER_S = 10.0  # then 503: a thumbnail that waits longer than this is better retried
 
 
@@ -205,10 +207,30 @@ class Thumbnailer:
         self.pool = pool
         self.max_pixels = max_pixels
         self._making: dict[Path, asyncio.Task[None]] = {}
+        self._hot: OrderedDict[tuple[uuid.UUID, int, str], bytes] = OrderedDict()  # least recent first
+        self._hot_bytes = 0
 
     async def cached(self, blob_id: uuid.UUID, size: int, fmt: str) -> bytes | None:
-        """A thumbnail made before, read in one thread hop; None when there is none yet."""
-        return await asyncio.to_thread(_read_if_there, cache_path(self.root, blob_id, size, fmt))
+        """A thumbnail made before (from memory, else read in one thread hop); None when there
+        is none yet."""
+        key = (blob_id, size, fmt)
+        data = self._hot.get(key)
+        if data is not None:
+            self._hot.move_to_end(key)
+            return data
+        data = await asyncio.to_thread(_read_if_there, cache_path(self.root, blob_id, size, fmt))
+        if data is not None:
+            self._remember(key, data)
+        return data
+
+    def _remember(self, key: tuple[uuid.UUID, int, str], data: bytes) -> None:
+        # Keyed by the content's blob, which a replace changes: an entry of content that is gone
+        # is never asked for again and simply ages out, so no other process has to be told.
+        self._hot[key] = data
+        self._hot_bytes += len(data)
+        while self._hot_bytes > HOT_BYTES:
+            _, dropped = self._hot.popitem(last=False)
+            self._hot_bytes -= len(dropped)
 
     async def make(self, blob_id: uuid.UUID, source: Path, kind: str, size: int, fmt: str) -> bytes:
         """Make the thumbnail from `source` (once, however many ask at the same time) and return it:
