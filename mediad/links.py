@@ -91,7 +91,8 @@ def parse_query(params: QueryParams, thumbnail: int | None = None) -> LinkQuery:
     """The signed parameters (a thumbnail link's size is parsed by its route and passed in);
     anything malformed is an altered link (403), never a 400 or 422."""
     expires, signature = params.get("expires", ""), params.get("signature", "")
-    inline = params.get("inline", "0" if thumbnail is not None else "")
+    # A thumbnail link has no inline flag (it is signed as 0): an added ?inline= is ignored.
+    inline = "0" if thumbnail is not None else params.get("inline", "")
     if not (expires.isascii() and expires.isdigit() and len(expires) <= 12) or inline not in ("0", "1"):
         raise Forbidden("this link was altered: its signed parameters are missing or malformed")
     if not signature.isascii():

@@ -191,6 +191,7 @@ async def test_signed_thumbnail_links(client: httpx.AsyncClient, user: User) -> 
     response = await client.get(path, headers=WEBP)  # no token: the signature is the capability
     assert response.status_code == 200 and response.headers["content-type"] == "image/webp"
     assert samples.decode(response.content).width == 64
+    assert (await client.get(path + "&inline=1&v=abc", headers=WEBP)).status_code == 200  # unsigned: ignored
     assert_problem(await client.get(path.replace("size=64", "size=65"), headers=WEBP), 403)
     assert_problem(await client.get(path.replace("/thumbnail?size=64&", "/content?inline=0&")), 403)
     for bad in (15, 2049, "64", True, 64.5):
