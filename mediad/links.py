@@ -79,6 +79,8 @@ def sign(key: bytes, file_id: uuid.UUID, expires: int, inline: bool, sha256: str
 
 def link_path(key: bytes, file_id: uuid.UUID, expires: int, inline: bool, sha256: str,
               thumbnail: int | None = None) -> str:
+    if thumbnail is not None:
+        inline = False  # a thumbnail is shown, never saved as the file: the flag has no meaning there
     signature = sign(key, file_id, expires, inline, sha256, thumbnail)
     if thumbnail is not None:
         query = urlencode({"size": thumbnail, "expires": expires, "signature": signature})

@@ -194,6 +194,8 @@ async def test_signed_thumbnail_links(client: httpx.AsyncClient, user: User) -> 
     assert (await client.get(path + "&inline=1&v=abc", headers=WEBP)).status_code == 200  # unsigned: ignored
     assert_problem(await client.get(path.replace("size=64", "size=65"), headers=WEBP), 403)
     assert_problem(await client.get(path.replace("/thumbnail?size=64&", "/content?inline=0&")), 403)
+    inline = await client.post(f"/files/{file['id']}/links", headers=user.auth, json={"thumbnail": 32, "inline": True})
+    assert (await client.get(inline.json()["path"], headers=WEBP)).status_code == 200
     for bad in (15, 2049, "64", True, 64.5):
         assert_problem(await client.post(f"/files/{file['id']}/links", headers=user.auth,
                                          json={"thumbnail": bad}), 422)
