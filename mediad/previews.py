@@ -90,4 +90,7 @@ async def thumbnail(request: Request) -> Response:
         async with readable_copy(state, row) as source:
             body = await state.thumbnails.make(row.blob_id, source, row.media_kind, size, fmt)
     headers["x-content-type-options"] = "nosniff"
-    return Response(body, headers=headers, media_type=MEDIA_TYPES[fmt])  # the server drops it for HEAD
+    if request.method == "HEAD":  # the length a GET would send, and no body (whatever the server)
+        headers["content-length"] = str(len(body))
+        body = b""
+    return Response(body, headers=headers, media_type=MEDIA_TYPES[fmt])

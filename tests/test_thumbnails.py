@@ -292,3 +292,17 @@ async def test_stray_thumbnails_are_removed_at_start(database_url: str, tmp_path
             assert not stray.exists()
             again = await http.get(f"/files/{kept['id']}/thumbnail?size=32", headers={**user.auth, **WEBP})
             assert again.status_code == 200 and len(_derived(running)) == 1
+
+
+async def test_thumbnails_on_either_server(any_client: httpx.AsyncClient) -> None:
+    # Granian runs the app in a worker process of its own: media workers start from there too.
+    user = await make_user(any_client)
+    file = await upload(any_client, user, samples.photo(width=400, height=300, orientation=6), name="g.jpg")
+    got = await thumb(any_client, user, file["id"], 40)
+    assert got.status_code == 200 and got.headers["content-type"] == "image/webp"
+    assert (samples.decode(got.content).width, samples.decode(got.content).height) == (30, 40)
+    head = await any_client.head(f"/files/{file['id']}/thumbnail?size=40", headers={**user.auth, **WEBP})
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == str(len(got.content)) and head.headers["etag"] == got.headers["etag"]
+    media = (await probed(any_client, user, file["id"]))["media"]
+    assert (media["width"], media["height"]) == (300, 400)
