@@ -42,7 +42,7 @@ class _Worker:
     @classmethod
     async def start(cls) -> _Worker:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "mediad.mediapool", str(MEMORY_LIMIT_BYTES),
+            sys.executable, "-m", "mediad.mediapool", str(MEMORY_LIMIT_BYTES), str(os.getpid()),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             env={**os.environ, "MALLOC_ARENA_MAX": "2"})  # glibc arenas count against the limit
         return cls(process)
@@ -144,8 +144,21 @@ def _answer(job: dict[str, Any]) -> dict[str, Any]:
         return {"error": "the decoder failed on this file"}
 
 
+def _die_with_parent(parent: int) -> None:
+    """SIGKILL this worker when the server that started it dies, even mid-job (Linux)."""
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the server died before the line above ran
+        os._exit(0)
+
+
 def main() -> None:
     import resource
+
+    _die_with_parent(int(sys.argv[2]))
 
     # Replies go to a private copy of stdout; fd 1 becomes stderr, so no library that prints can
     # corrupt the protocol.

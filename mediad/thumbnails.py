@@ -274,5 +274,7 @@ class Thumbnailer:
         shutil.rmtree(blob_dir(self.root, blob_id), ignore_errors=True)
 
     async def close(self) -> None:
-        for task in list(self._making.values()):
+        tasks = list(self._making.values())
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # their workers are killed, not left

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import signal
 import time
 import uuid
 from pathlib import Path
@@ -15,7 +17,7 @@ import asyncpg
 import httpx
 import media_samples as samples
 import pytest
-from conftest import User, assert_problem, make_settings, make_user, serve_in_thread, upload
+from conftest import User, assert_problem, make_settings, make_user, mediad_process, serve_in_thread, upload
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -240,3 +242,37 @@ async def test_every_kind_of_upload_is_probed(client: httpx.AsyncClient, user: U
     mp3 = (await probed(client, user, record.json()["id"]))["media"]
     assert (mp3["kind"], mp3["container"], mp3["audio_codec"]) == ("audio", "mp3", "mp3")
     assert _close(mp3["duration_s"], 1.0, 0.1)
+
+
+def _media_workers(parent: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"mediad.mediapool" in (entry / "cmdline").read_bytes() \
+                    and (entry / "stat").read_text().rsplit(")", 1)[1].split()[1] == str(parent):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def _alive(pids: list[int]) -> bool:
+    return any(os.path.exists(f"/proc/{pid}") for pid in pids)
+
+
+async def test_workers_die_with_a_killed_server(database_url: str, tmp_path: Path) -> None:
+    with mediad_process(tmp_path / "data", database_url=database_url) as running:
+        assert running.process is not None
+        async with httpx.AsyncClient(base_url=running.url, timeout=30) as http:
+            user = await make_user(http)
+            created = await upload(http, user, samples.png_alpha(), name="w.png")
+            await probed(http, user, created["id"])
+        workers = _media_workers(running.process.pid)
+        assert len(workers) == 1
+        running.process.send_signal(signal.SIGKILL)
+        running.process.wait(10)
+        for _ in range(100):
+            if not _alive(workers):
+                break
+            await asyncio.sleep(0.05)
+        assert not _alive(workers)
