@@ -7,7 +7,7 @@ import { $, h, humanSize, shownName } from "./ui.js";
 const THUMBNAIL_PX = 256;
 const LINK_LIFETIME_S = 86400;
 const VIEW = "mediad.view";
-const PENDING_POLLS = 10; // re-list while files are still being probed, this many times at most
+const PENDING_POLLS = 20; // re-list while files are still being probed, slower each time (~2 min in all)
 
 const links = new Map(); // `${id}.${sha256}` → a signed thumbnail path (a replaced file gets a new one)
 let observer = null;
@@ -111,8 +111,8 @@ export function renderGallery(files, actions, refresh) {
   $("gallery").replaceChildren(...files.map((file) => tile(file, actions)));
   clearTimeout(pollTimer);
   if (files.some((file) => file.media === null) && pendingPolls < PENDING_POLLS) {
+    pollTimer = setTimeout(refresh, Math.min(1000 + 500 * pendingPolls, 8000));
     pendingPolls += 1;
-    pollTimer = setTimeout(refresh, 1500);
   } else if (!files.some((file) => file.media === null)) {
     pendingPolls = 0;
   }

@@ -15,6 +15,8 @@ from .conftest import sign_up, watched_page
 
 expect = pytest.importorskip(
     "playwright.sync_api", reason="Playwright for Python is missing: pip install -e '.[test]'").expect
+# Probing starts a worker process on first use; on a loaded machine that alone can take seconds.
+PROBED_MS = 30_000
 
 
 def _upload_samples(page: Any, tmp_path: Path) -> None:
@@ -34,8 +36,8 @@ def test_the_grid_shows_thumbnails_durations_and_details(page: Any, web_server: 
     clip = page.locator("#gallery li", has_text="clip.mp4")
     photo = page.locator("#gallery li", has_text="photo.jpg")
     # The grid re-lists while probing runs, until every file is read.
-    expect(clip.locator(".tile-meta")).to_have_text("0:03")
-    expect(photo.locator(".tile-meta")).to_have_text("300×400")
+    expect(clip.locator(".tile-meta")).to_have_text("0:03", timeout=PROBED_MS)
+    expect(photo.locator(".tile-meta")).to_have_text("300×400", timeout=PROBED_MS)
     for tile in (clip, photo):
         picture = tile.locator(".picture img")
         expect(picture).to_have_attribute("src", re.compile(r"/thumbnail\?size=256&.*signature="))
@@ -69,7 +71,8 @@ def test_the_grid_fits_a_narrow_phone(browser: Any, web_server: Server, tmp_path
         _upload_samples(page, tmp_path)
         page.get_by_role("button", name="Grid").click()
         expect(page.locator("#gallery li")).to_have_count(2)
-        expect(page.locator("#gallery li", has_text="clip.mp4").locator(".tile-meta")).to_have_text("0:03")
+        expect(page.locator("#gallery li", has_text="clip.mp4").locator(".tile-meta")).to_have_text(
+            "0:03", timeout=PROBED_MS)
         assert page.evaluate("() => document.documentElement.scrollWidth") <= 375
         boxes = [page.locator("#gallery li").nth(i).bounding_box() for i in range(2)]
         assert boxes[0]["y"] == boxes[1]["y"]  # two tiles side by side
