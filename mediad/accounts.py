@@ -112,7 +112,7 @@ async def delete_account(engine: AsyncEngine, storage: Storage, user_id: uuid.UU
 
     def remove() -> None:
         for blob_id in blobs:
-            storage.remove_blob(blob_id)
+            storage.remove_content(blob_id)
         for upload_id in upload_ids:
             tus.partial_path(storage, upload_id).unlink(missing_ok=True)
 

@@ -25,7 +25,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
-from . import accounts, audio, auth, downloads, fastpath, files, links, openapi, tus, uploads, webhooks
+from . import accounts, audio, auth, downloads, fastpath, files, links, openapi, previews, tus, uploads, webhooks
 from .cache import LookupCache, listener_dsn
 from .cleanup import AccessTracker, Report, cleanup_loop, recover
 from .cloud import CloudError, ObjectStore, Replicator, Store
@@ -34,8 +34,11 @@ from .conventions import Conventions, allowed_methods, cors
 from .db import create_engine
 from .deliveries import Deliverer
 from .errors import DATABASE_UNAVAILABLE, MediaError, database_unavailable, error_response, problem
+from .media import Prober
+from .mediapool import MediaPool
 from .metrics import Metrics, TelemetryMiddleware, metrics_endpoint
 from .storage import Storage
+from .thumbnails import Thumbnailer
 
 log = logging.getLogger("mediad")
 
@@ -70,6 +73,7 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
         Route("/files/{file_id}", files.delete, methods=["DELETE"]),
         Route("/files/{file_id}/content", downloads.content, methods=["GET", "HEAD"]),
         Route("/files/{file_id}/links", links.create_link, methods=["POST"]),
+        Route("/files/{file_id}/thumbnail", previews.thumbnail, methods=["GET", "HEAD"]),
         Route("/download", downloads.download, methods=["GET", "HEAD"]),
         Route("/usage", files.usage, methods=["GET"]),
         Route("/records", audio.post_records, methods=["POST"]),
@@ -145,6 +149,7 @@ def _lifespan(settings: Settings, url: str, metrics: Metrics) -> Lifespan:
             await recover(engine, storage)  # what a dead process left on this data dir
             stack.push_async_callback(_flush_quietly, state.access, engine)
             state.store, state.replicator = await _start_replication(stack, settings, engine, storage, metrics)
+            state.thumbnails, state.prober = await _start_media(stack, engine, storage, settings)
             state.deliverer = await _start_deliveries(stack, engine, settings, state.link_key, metrics)
             if settings.cleanup_interval_s > 0:
 
@@ -188,6 +193,18 @@ async def _start_replication(stack: contextlib.AsyncExitStack, settings: Setting
 def _start(stack: contextlib.AsyncExitStack, name: str, work: Coroutine[Any, Any, None]) -> None:
     """Run `work` as a task until the stack closes."""
     stack.push_async_callback(_stop, asyncio.create_task(work, name=name))
+
+
+async def _start_media(stack: contextlib.AsyncExitStack, engine: AsyncEngine, storage: Storage,
+                       settings: Settings) -> tuple[Thumbnailer, Prober]:
+    """Probing of committed Files and the thumbnail generators, sharing one pool of workers."""
+    pool = MediaPool(settings.media_workers, settings.media_timeout_s)
+    stack.push_async_callback(pool.close)
+    thumbnails = Thumbnailer(storage.root, pool, settings.media_max_pixels)
+    stack.push_async_callback(thumbnails.close)
+    prober = Prober(engine, storage, pool, thumbnails, settings.media_max_pixels)
+    _start(stack, "media-probing", prober.run())
+    return thumbnails, prober
 
 
 async def _flush_quietly(tracker: AccessTracker, engine: AsyncEngine) -> None:

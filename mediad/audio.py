@@ -243,7 +243,7 @@ async def post_records(request: Request) -> JSONResponse:
             await webhooks.emit_file(conn, "record.created", row, state.storage.node_id)
 
         row, _ = await commit_upload(state.engine, storage, state.replicator, owner, blob,
-                                     name=_record_name(filename), path=None, also=record)
+                                     name=_record_name(filename), path=None, also=record, prober=state.prober)
     finally:
         await writer.abort()  # the WAV is never kept
         await anyio.to_thread.run_sync(lambda: mp3.unlink(missing_ok=True))

@@ -59,6 +59,11 @@ class Settings:
     ffmpeg: str | None = None  # None: the binary shipped in the imageio-ffmpeg wheel
     audio_queue_timeout_s: float = 30.0  # how long a conversion may wait for a free worker (then 503)
     audio_timeout_s: float = 600.0
+    # Media probing and thumbnails (mediad/media.py, mediad/thumbnails.py): worker processes, one
+    # core left to the event loop as for audio; a job past the timeout has its worker killed.
+    media_workers: int = field(default_factory=lambda: max(1, (os.cpu_count() or 1) - 1))
+    media_timeout_s: float = 30.0
+    media_max_pixels: int = 100_000_000  # checked from the header, before anything is decoded
     # Slow and oversized clients (mediad/server.py): a request's head must arrive within
     # header_timeout_s, a body may pause at most body_timeout_s, and a head is capped at 431.
     header_timeout_s: float = 10.0
@@ -209,12 +214,13 @@ def _check(settings: Settings) -> None:
         raise ConfigError("MEDIAD_DISK_HIGH_WATER is invalid: must be a fraction in (0, 1]")
     if settings.database_url and not settings.database_url.startswith(("postgresql", "postgres")):
         raise ConfigError("MEDIAD_DATABASE_URL is invalid: expected postgresql://user@host:port/db")
-    for name in ("cloud_concurrency", "cloud_max_attempts", "audio_workers", "db_pool_size"):
+    for name in ("cloud_concurrency", "cloud_max_attempts", "audio_workers", "db_pool_size", "media_workers",
+                 "media_max_pixels"):
         if getattr(settings, name) < 1:
             raise ConfigError(f"MEDIAD_{name.upper()} is invalid: must be at least 1")
     if settings.workers < 1:
         raise ConfigError("MEDIAD_WORKERS is invalid: must be at least 1")
-    for name in ("header_timeout_s", "body_timeout_s", "max_header_bytes"):
+    for name in ("header_timeout_s", "body_timeout_s", "max_header_bytes", "media_timeout_s"):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"MEDIAD_{name.upper()} is invalid: must be greater than 0")
     for origin in settings.cors_origin_list:

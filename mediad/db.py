@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg  # type: ignore[import-untyped]
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.dialects.postgresql import ARRAY, UUID, insert
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID, insert
 from sqlalchemy.engine import Dialect, ExceptionContext, Row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -74,6 +74,18 @@ signin_throttle = sa.Table(
 )
 
 CLOUD_STATES = ("pending", "stored", "failed")
+MEDIA_STATES = ("pending", "ready", "failed")
+MEDIA_KINDS = ("image", "video", "audio", "other")
+_PROBED_KINDS = ("image", "video", "audio")
+
+
+def initial_media(format: str) -> dict[str, Any]:
+    """A new content's media columns: pending when probing can tell more, else known at once."""
+    kind = format.split("/", 1)[0]
+    if kind in _PROBED_KINDS:
+        return {"media_kind": kind, "media_state": "pending", "media": None, "media_lease_until": None}
+    return {"media_kind": "other", "media_state": "ready", "media_lease_until": None,
+            "media": {"kind": "other", "status": "ready", "error": None}}
 
 files = sa.Table(
     "files",
@@ -104,11 +116,20 @@ files = sa.Table(
     sa.Column("cloud_last_error", sa.Text),
     # A worker's claim on the push of this row; another process may take it once it lapses.
     sa.Column("cloud_lease_until", TZ),
+    # Probing (mediad/media.py): every new or replaced content starts pending, so a restart finds
+    # what was missed; `media` is the File's "media" object once probed (never GPS).
+    sa.Column("media_state", sa.Text, nullable=False, server_default="pending"),
+    sa.Column("media", JSONB),
+    sa.Column("media_lease_until", TZ),
+    # GET /files?kind=: the detected format's top-level type until the probe says better.
+    sa.Column("media_kind", sa.Text, nullable=False, server_default="other"),
     sa.UniqueConstraint("owner_id", "path"),
     sa.CheckConstraint(f"cloud_state IN {CLOUD_STATES!r}", name="cloud_state"),
+    sa.CheckConstraint(f"media_state IN {MEDIA_STATES!r}", name="media_state"),
     sa.CheckConstraint("size >= 0", name="size"),
     sa.Index("ix_files_owner_created", "owner_id", "created_at", "id"),
     sa.Index("ix_files_cloud_due", "cloud_state", "cloud_next_attempt_at"),
+    sa.Index("ix_files_media_state", "media_state"),
 )
 
 records = sa.Table(
@@ -431,6 +452,7 @@ async def put_file(conn: AsyncConnection, values: dict[str, Any]) -> tuple[Row[A
     loser of the race becomes a replace and no blob is left without a row.
     """
     path = values.get("path")
+    values = {**values, **initial_media(values["format"])}
     while True:
         if path is not None:
             current = (await conn.execute(
@@ -461,8 +483,11 @@ async def put_file(conn: AsyncConnection, values: dict[str, Any]) -> tuple[Row[A
 
 
 async def list_files(conn: AsyncConnection, owner_id: uuid.UUID, *, prefix: str | None,
-                     after: tuple[datetime, uuid.UUID] | None, limit: int) -> Sequence[Row[Any]]:
+                     after: tuple[datetime, uuid.UUID] | None, limit: int,
+                     kind: str | None = None) -> Sequence[Row[Any]]:
     query = sa.select(files).where(files.c.owner_id == owner_id)
+    if kind is not None:
+        query = query.where(files.c.media_kind == kind)
     if prefix:
         escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         query = query.where(files.c.path.like(escaped + "%", escape="\\"))
@@ -694,3 +719,35 @@ async def delete_uploads(conn: AsyncConnection, upload_ids: list[uuid.UUID]) -> 
 
 async def unfinished_uploads(conn: AsyncConnection) -> set[uuid.UUID]:
     return set((await conn.execute(sa.select(uploads.c.id).where(uploads.c.file_id.is_(None)))).scalars())
+
+
+# ---- media probing ------------------------------------------------------------------------------
+# Claimed like pushes, with a lease: FOR UPDATE SKIP LOCKED lets several processes take disjoint
+# rows in one statement, and a lease that lapses (its holder died) makes the row claimable again.
+
+async def claim_probes(conn: AsyncConnection, node: uuid.UUID, limit: int, lease_s: float) -> Sequence[Row[Any]]:
+    """Up to `limit` pending Files whose bytes are on this node's disk, leased to the caller."""
+    due = (sa.select(files.c.id)
+           .where(files.c.media_state == "pending", files.c.node == node,
+                  _claimable(files, "media_lease_until"))
+           .order_by(files.c.created_at).limit(limit)
+           .with_for_update(skip_locked=True).scalar_subquery())
+    result = await conn.execute(
+        sa.update(files).where(files.c.id.in_(due))
+        .values(media_lease_until=_lease(lease_s))
+        .returning(files.c.id, files.c.blob_id, files.c.format, files.c.media_kind))
+    return result.all()
+
+
+async def finish_probe(conn: AsyncConnection, file_id: uuid.UUID, blob_id: uuid.UUID,
+                       media: dict[str, Any]) -> Row[Any] | None:
+    """Store a probe's result, unless the content was replaced meanwhile; the File as it is now."""
+    result = await conn.execute(
+        sa.update(files).where(_same_push(file_id, blob_id), files.c.media_state == "pending")
+        .values(media=media, media_state=media["status"], media_kind=media["kind"], media_lease_until=None)
+        .returning(files))
+    return result.first()
+
+
+async def release_probe(conn: AsyncConnection, file_id: uuid.UUID, blob_id: uuid.UUID) -> None:
+    await conn.execute(sa.update(files).where(_same_push(file_id, blob_id)).values(media_lease_until=None))

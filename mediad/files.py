@@ -17,6 +17,7 @@ from . import db, webhooks
 from .auth import authenticate
 from .cloud import cloud_key
 from .errors import NotFound, Unprocessable
+from .media import file_media
 
 MAX_LIMIT = 1000
 
@@ -41,6 +42,7 @@ def file_json(row: Row[Any], node: uuid.UUID | None) -> dict[str, Any]:
         "updated_at": rfc3339(row.updated_at),
         "cloud": {"state": row.cloud_state, "stored_at": rfc3339(row.cloud_stored_at)},
         "local": row.node is not None and row.node == node,
+        "media": file_media(row),
     }
 
 
@@ -85,9 +87,14 @@ async def list_(request: Request) -> JSONResponse:
     prefix = params.get("prefix") or None
     if prefix is not None and not prefix.startswith("/"):
         raise Unprocessable("prefix must be an absolute path (start with /)")
+    if prefix is not None and "\x00" in prefix:  # PostgreSQL text cannot hold NUL: no path has one
+        raise Unprocessable("prefix must not contain NUL")
     after = decode_cursor(params["cursor"]) if params.get("cursor") else None
+    kind = params.get("kind")
+    if kind is not None and kind not in db.MEDIA_KINDS:
+        raise Unprocessable(f"kind must be one of {', '.join(db.MEDIA_KINDS)}")
     async with request.app.state.reader.connect() as conn:
-        rows = await db.list_files(conn, owner_id, prefix=prefix, after=after, limit=limit + 1)
+        rows = await db.list_files(conn, owner_id, prefix=prefix, after=after, limit=limit + 1, kind=kind)
     page = rows[:limit]
     next_cursor = encode_cursor(page[-1]) if len(rows) > limit else None
     node = request.app.state.storage.node_id
@@ -114,7 +121,7 @@ async def delete(request: Request) -> Response:
             raise NotFound("no such file")
         await db.queue_deletion(conn, cloud_key(gone.blob_id))
         await webhooks.emit_file(conn, "file.deleted", gone, None)
-    await anyio.to_thread.run_sync(state.storage.remove_blob, gone.blob_id)
+    await anyio.to_thread.run_sync(state.storage.remove_content, gone.blob_id)
     if state.replicator is not None:
         state.replicator.deletions_queued()
     return Response(status_code=204)

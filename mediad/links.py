@@ -2,6 +2,8 @@
 
 A link is `/files/{id}/content?expires=<unix s>&inline=0|1&signature=<…>`, where the signature is
 an HMAC-SHA256 (RFC 2104) over the file id, the expiry, the inline flag and the content's sha256.
+A thumbnail link, `/files/{id}/thumbnail?size=<px>&expires=…&signature=…`, signs its size as one
+more part, so it serves that thumbnail only and never the bytes (nor another size).
 Binding the sha256 means replacing the content ends the link; a deleted file has no row to check
 against. The method is not signed, so one link serves GET and HEAD (a media player needs both).
 """
@@ -36,6 +38,7 @@ from .config import ConfigError, Settings
 from .errors import Forbidden, NotFound, Unprocessable
 from .files import parse_file_id, rfc3339
 from .storage import create_exclusive
+from .thumbnails import MAX_SIZE, MIN_SIZE
 
 log = logging.getLogger("mediad.links")
 
@@ -58,31 +61,44 @@ class LinkQuery:
     expires: int
     inline: bool
     signature: str
+    thumbnail: int | None = None  # the signed size of a thumbnail link
 
 
-def sign(key: bytes, file_id: uuid.UUID, expires: int, inline: bool, sha256: str) -> str:
+def sign(key: bytes, file_id: uuid.UUID, expires: int, inline: bool, sha256: str,
+         thumbnail: int | None = None) -> str:
     """The url-safe base64 (unpadded) HMAC-SHA256 of the method-independent parts of a link."""
-    message = b"\n".join([_DOMAIN, str(file_id).encode(), str(expires).encode(),
-                          b"1" if inline else b"0", sha256.encode("ascii")])
+    parts = [_DOMAIN, str(file_id).encode(), str(expires).encode(), b"1" if inline else b"0",
+             sha256.encode("ascii")]
+    if thumbnail is not None:  # content links sign exactly what they always did: they stay valid
+        parts.append(b"thumbnail=%d" % thumbnail)
+    message = b"\n".join(parts)
     digest = hmac.new(key, message, hashlib.sha256).digest()
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
-def link_path(key: bytes, file_id: uuid.UUID, expires: int, inline: bool, sha256: str) -> str:
-    query = urlencode({"expires": expires, "inline": "1" if inline else "0",
-                       "signature": sign(key, file_id, expires, inline, sha256)})
+def link_path(key: bytes, file_id: uuid.UUID, expires: int, inline: bool, sha256: str,
+              thumbnail: int | None = None) -> str:
+    if thumbnail is not None:
+        inline = False  # a thumbnail is shown, never saved as the file: the flag has no meaning there
+    signature = sign(key, file_id, expires, inline, sha256, thumbnail)
+    if thumbnail is not None:
+        query = urlencode({"size": thumbnail, "expires": expires, "signature": signature})
+        return f"/files/{file_id}/thumbnail?{query}"
+    query = urlencode({"expires": expires, "inline": "1" if inline else "0", "signature": signature})
     return f"/files/{file_id}/content?{query}"
 
 
-def parse_query(params: QueryParams) -> LinkQuery:
-    """The signed parameters; anything malformed is an altered link (403), never a 400 or 422."""
-    expires, inline = params.get("expires", ""), params.get("inline", "")
-    signature = params.get("signature", "")
+def parse_query(params: QueryParams, thumbnail: int | None = None) -> LinkQuery:
+    """The signed parameters (a thumbnail link's size is parsed by its route and passed in);
+    anything malformed is an altered link (403), never a 400 or 422."""
+    expires, signature = params.get("expires", ""), params.get("signature", "")
+    # A thumbnail link has no inline flag (it is signed as 0): an added ?inline= is ignored.
+    inline = "0" if thumbnail is not None else params.get("inline", "")
     if not (expires.isascii() and expires.isdigit() and len(expires) <= 12) or inline not in ("0", "1"):
         raise Forbidden("this link was altered: its signed parameters are missing or malformed")
     if not signature.isascii():
         raise Forbidden(_INVALID)
-    return LinkQuery(int(expires), inline == "1", signature)
+    return LinkQuery(int(expires), inline == "1", signature, thumbnail)
 
 
 def check_expiry(query: LinkQuery, now: float) -> None:
@@ -92,22 +108,27 @@ def check_expiry(query: LinkQuery, now: float) -> None:
 
 def verify(key: bytes, file_id: uuid.UUID, query: LinkQuery, sha256: str) -> None:
     """403 unless the signature matches this file's current content (constant-time compare)."""
-    expected = sign(key, file_id, query.expires, query.inline, sha256)
+    expected = sign(key, file_id, query.expires, query.inline, sha256, query.thumbnail)
     if not hmac.compare_digest(expected.encode("ascii"), query.signature.encode("ascii")):
         raise Forbidden(_INVALID)
 
 
-def parse_options(data: dict[str, Any]) -> tuple[int, bool]:
-    """`expires_in` (seconds, 1 s … 7 days) and `inline` from a POST body; 422 otherwise."""
+def parse_options(data: dict[str, Any]) -> tuple[int, bool, int | None]:
+    """`expires_in` (seconds, 1 s … 7 days), `inline` and `thumbnail` (a size in px, for a link
+    to that thumbnail) from a POST body; 422 otherwise."""
     expires_in = data.get("expires_in", DEFAULT_EXPIRES_S)
     inline = data.get("inline", False)
+    thumbnail = data.get("thumbnail")
     if isinstance(expires_in, bool) or not isinstance(expires_in, int) \
             or not MIN_EXPIRES_S <= expires_in <= MAX_EXPIRES_S:
         raise Unprocessable(f"expires_in must be a whole number of seconds from {MIN_EXPIRES_S} "
                             f"to {MAX_EXPIRES_S} (7 days)")
     if not isinstance(inline, bool):
         raise Unprocessable("inline must be true or false")
-    return expires_in, inline
+    if thumbnail is not None and (isinstance(thumbnail, bool) or not isinstance(thumbnail, int)
+                                  or not MIN_SIZE <= thumbnail <= MAX_SIZE):
+        raise Unprocessable(f"thumbnail must be a size in pixels from {MIN_SIZE} to {MAX_SIZE}")
+    return expires_in, inline, thumbnail
 
 
 # ---- the key --------------------------------------------------------------------------------------
@@ -158,13 +179,13 @@ async def create_link(request: Request) -> JSONResponse:
     # Both fields are optional, so an empty body means the defaults.
     empty = request.headers.get("content-length") == "0" or (
         "content-length" not in request.headers and "transfer-encoding" not in request.headers)
-    expires_in, inline = parse_options({} if empty else await read_json_object(request))
+    expires_in, inline, thumbnail = parse_options({} if empty else await read_json_object(request))
     async with request.app.state.reader.connect() as conn:
         row = await db.get_file(conn, owner_id, file_id)
     if row is None:
         raise NotFound("no such file")
     expires = int(time.time()) + expires_in
-    path = link_path(request.app.state.link_key, file_id, expires, inline, row.sha256)
+    path = link_path(request.app.state.link_key, file_id, expires, inline, row.sha256, thumbnail)
     return JSONResponse(
         {"url": request.app.state.settings.base_url + path,
          # The same link as a same-origin path: the web app's `media-src 'self'` accepts it even
@@ -174,10 +195,10 @@ async def create_link(request: Request) -> JSONResponse:
         status_code=201, headers={"Cache-Control": "no-store"})
 
 
-def signed_fetch(request: Request) -> Callable[[AsyncConnection], Awaitable[Row[Any]]]:
+def signed_fetch(request: Request, thumbnail: int | None = None) -> Callable[[AsyncConnection], Awaitable[Row[Any]]]:
     """A `serve_file` fetch for a signed link: no token; the File by id, whoever owns it, and only
     while the signature matches its current content. Every failure is the same 403."""
-    query = parse_query(request.query_params)
+    query = parse_query(request.query_params, thumbnail)
     check_expiry(query, time.time())  # before any database work
     try:
         file_id = parse_file_id(request.path_params["file_id"])

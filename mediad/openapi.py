@@ -122,6 +122,8 @@ _SCHEMAS: dict[str, Schema] = {
         "cloud": _object({"state": {"enum": ["pending", "stored", "failed"]},
                           "stored_at": {**_TIME, "type": ["string", "null"]}}),
         "local": {"type": "boolean", "description": "Whether this server's disk holds a copy."},
+        "media": {"anyOf": [{"type": "null"}, _ref("schemas", "Media")],
+                  "description": "What the content is, once probed (null until then)."},
     }),
     "FileList": _object({
         "files": {"type": "array", "items": _ref("schemas", "File")},
@@ -129,11 +131,33 @@ _SCHEMAS: dict[str, Schema] = {
                         "description": "Pass as ?cursor= for the next page; null on the last one."},
     }),
     "Usage": _object({"files": _COUNT, "bytes": _COUNT}),
+    "Media": _object({
+        "kind": {"enum": ["image", "video", "audio", "other"]},
+        "status": {"enum": ["ready", "failed"]},
+        "error": _described({"type": ["string", "null"]}, "Why probing failed (a sentence), else null."),
+        "width": _described(_COUNT, "Pixels as displayed (after rotation or EXIF orientation)."),
+        "height": _described(_COUNT, "Pixels as displayed."),
+        "duration_s": {"type": "number", "minimum": 0},
+        "container": _described(_TEXT, "FFmpeg's demuxer name, e.g. `mov,mp4,m4a,3gp,3g2,mj2`."),
+        "video_codec": {"type": "string", "examples": ["h264"]},
+        "audio_codec": {"type": "string", "examples": ["aac"]},
+        "frame_rate": {"type": "number", "minimum": 0},
+        "bitrate": _described(_COUNT, "Bits per second, the whole container."),
+        "channels": _COUNT,
+        "sample_rate": _COUNT,
+        "rotation": _described({"enum": [0, 90, 180, 270]}, "Degrees clockwise the video is turned for display."),
+        "orientation": _described({"type": "integer", "minimum": 1, "maximum": 8}, "An image's EXIF orientation."),
+        "taken_at": _described(_TIME, "EXIF DateTimeOriginal, in UTC (the camera's clock when it gives no offset)."),
+        "camera": _described(_TEXT, "EXIF make and model."),
+    }, required=["kind", "status", "error"],
+        description="Fields that do not apply are absent. Location (GPS) data is never included."),
     "LinkOptions": _object({
         "expires_in": {"type": "integer", "minimum": 1, "maximum": 604800, "default": 3600,
                        "description": "Seconds the link stays valid (1 s to 7 days)."},
         "inline": {"type": "boolean", "default": False, "description": "Content-Disposition: inline."},
-    }),
+        "thumbnail": {"type": "integer", "minimum": 16, "maximum": 2048, "description":
+                      "A link to the thumbnail of this size (GET /files/{id}/thumbnail) instead of the bytes."},
+    }, required=[]),
     "Link": _object({
         "url": {"type": "string", "description": "The link on MEDIAD_PUBLIC_URL."},
         "path": {"type": "string", "description": "The same link as a same-origin path (what the web app uses)."},
@@ -426,7 +450,9 @@ _FILES: dict[str, Schema] = {
             params=[_param("prefix", "query", "Only paths that start with this (absolute).", _ABSOLUTE),
                     _param("limit", "query", "Page size.",
                            {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}),
-                    _param("cursor", "query", "The `next_cursor` of the previous page.")]),
+                    _param("cursor", "query", "The `next_cursor` of the previous page."),
+                    _param("kind", "query", "Only files of this media kind (the probed one, else the "
+                           "format's type); combinable with prefix.", {"enum": ["image", "video", "audio", "other"]})]),
     },
     "/files/{file_id}": {
         "parameters": [_FILE_ID],
@@ -458,6 +484,37 @@ _FILES: dict[str, Schema] = {
         _param("path", "query", "The File's virtual path.", _ABSOLUTE)], _errors(401, 404, 412, 416, 422, 503)),
     "/usage": {"get": _op("The caller's file count and bytes", {
         "200": _ok("Usage.", _ref("schemas", "Usage")), **_errors(401, 503)})},
+}
+
+_THUMBNAIL_PARAMS = [
+    _param("size", "query", "The longer side at most, in px.",
+           {"type": "integer", "minimum": 16, "maximum": 2048, "default": 256}),
+    _param("v", "query", "Ignored: add the File's sha256 so the URL changes with the content."),
+    _param("expires", "query", "Signed thumbnail links: expiry, unix seconds.", {"type": "integer"}),
+    _param("signature", "query", "Signed thumbnail links (POST /files/{id}/links with `thumbnail`)."),
+    _param("Accept", "header", "WebP when it allows image/webp, else JPEG."),
+    _param("If-None-Match", "header", "304 when the ETag matches."),
+]
+_THUMBNAIL_HEADERS = {"ETag": "Strong, one per content, size and format.", "Vary": "`Accept`.",
+                      "Cache-Control": "`private, max-age=31536000, immutable`."}
+_THUMBNAIL_RESPONSES: Schema = {
+    "200": {**_ok("The thumbnail.", headers=_THUMBNAIL_HEADERS),
+            "content": {"image/webp": {"schema": _BINARY}, "image/jpeg": {"schema": _BINARY}}},
+    "304": _ok("Not modified.", headers=_THUMBNAIL_HEADERS),
+    **_errors(401, 403, 404, 412, 422, 503),
+}
+_MEDIA: dict[str, Schema] = {
+    "/files/{file_id}/thumbnail": {
+        "parameters": [_FILE_ID],
+        "get": _op("A File's thumbnail", _THUMBNAIL_RESPONSES, params=_THUMBNAIL_PARAMS,
+                   security=[{"bearer": []}, {}],
+                   description="Images: the picture, EXIF orientation applied; videos: a frame about 10 % in; "
+                               "audio: the embedded cover art. 404 says why when no picture is possible; 503 "
+                               "with Retry-After when every generator is busy. Made once per content, size and "
+                               "format and kept."),
+        "head": _op("A File's thumbnail (headers only)", _THUMBNAIL_RESPONSES, params=_THUMBNAIL_PARAMS,
+                    security=[{"bearer": []}, {}]),
+    },
 }
 
 _RECORDS: dict[str, Schema] = {
@@ -563,7 +620,7 @@ _SERVICE: dict[str, Schema] = {
         security=_PUBLIC, tag="service")},
 }
 
-_PATHS: dict[str, Schema] = {**_USERS, **_ACCOUNTS, **_FILES, **_RECORDS, **_UPLOADS, **_SERVICE}
+_PATHS: dict[str, Schema] = {**_USERS, **_ACCOUNTS, **_FILES, **_MEDIA, **_RECORDS, **_UPLOADS, **_SERVICE}
 
 # ---- webhooks -----------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import shutil
 import time
 import uuid
 from dataclasses import dataclass
@@ -43,6 +44,13 @@ class DiskUsage:
 def blob_relpath(blob_id: uuid.UUID) -> str:
     hex_id = blob_id.hex
     return f"files/{hex_id[:2]}/{hex_id[2:4]}/{hex_id}"
+
+
+def derived_dir(root: Path, blob_id: uuid.UUID) -> Path:
+    """Where the files derived from a content live (thumbnails): made again on demand, never
+    replicated, removed with the content."""
+    hex_id = blob_id.hex
+    return root / "derived" / hex_id[:2] / hex_id
 
 
 def is_disk_full(exc: BaseException) -> bool:
@@ -129,7 +137,14 @@ class Storage:
         return final
 
     def remove_blob(self, blob_id: uuid.UUID) -> None:
+        """The local copy only (an eviction keeps what was derived from it)."""
         self.blob_path(blob_id).unlink(missing_ok=True)
+
+    def remove_content(self, blob_id: uuid.UUID) -> None:
+        """A content gone from the service (its File deleted, or replaced): the local copy and the
+        files derived from it (thumbnails)."""
+        self.remove_blob(blob_id)
+        shutil.rmtree(derived_dir(self.root, blob_id), ignore_errors=True)
 
     # ---- partial files of resumable uploads -----------------------------------------------------
 

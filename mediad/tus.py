@@ -47,6 +47,7 @@ from .errors import (
     error_response,
 )
 from .files import parse_file_id, rfc3339
+from .media import Prober
 from .names import clean_path, media_type, place
 from .storage import HEAD_BYTES, Blob, Storage
 from .uploads import commit_upload
@@ -308,7 +309,7 @@ async def _patch(request: Request, upload_id: uuid.UUID, owner_id: uuid.UUID, *,
         writer, cut = await _append(request, storage, hashes, row, checksum)
         new_offset = row.offset + writer.size
         if new_offset == row.length and not cut:
-            file_id = await _complete(state.engine, storage, state.replicator, row, writer.sha256)
+            file_id = await _complete(state.engine, storage, state.replicator, row, writer.sha256, state.prober)
             hashes.drop(row.id)
             released = True  # the File's transaction released the claim
             return new_offset, file_id
@@ -354,7 +355,7 @@ async def _append(request: Request, storage: Storage, hashes: Hashes, row: Row[A
 
 
 async def _complete(engine: AsyncEngine, storage: Storage, replicator: Replicator | None, row: Row[Any],
-                    whole: Hasher) -> uuid.UUID:
+                    whole: Hasher, prober: Prober | None) -> uuid.UUID:
     """The last chunk is durable: make the File, and only then acknowledge the final offset."""
     partial = storage.partial_path(row.id)
     temp = storage.temp_path(uuid.uuid4())
@@ -367,7 +368,7 @@ async def _complete(engine: AsyncEngine, storage: Storage, replicator: Replicato
 
     try:
         file_row, _ = await commit_upload(engine, storage, replicator, row.owner_id, blob, name=row.name,
-                                          path=row.path, also=finished)
+                                          path=row.path, also=finished, prober=prober)
     finally:
         await anyio.to_thread.run_sync(lambda: temp.unlink(missing_ok=True))
     await anyio.to_thread.run_sync(storage.remove_partial, row.id)

@@ -30,6 +30,7 @@ from .formdata import (
     ValueTarget,
     parse_content_boundary,
 )
+from .media import Prober
 from .names import (
     MAX_PATH_CHARS,
     clean_name,
@@ -57,7 +58,8 @@ AlsoInTransaction = Callable[[AsyncConnection, Row[Any]], Awaitable[None]]
 
 async def commit_upload(engine: AsyncEngine, storage: Storage, replicator: Replicator | None,
                         owner_id: uuid.UUID, blob: Blob, *, name: str, path: str | None,
-                        also: AlsoInTransaction | None = None) -> tuple[Row[Any], bool]:
+                        also: AlsoInTransaction | None = None, prober: Prober | None = None
+                        ) -> tuple[Row[Any], bool]:
     """Turn a finished temp file into a File: into place durably, then the row (insert or replace
     at `path`). Returns the row and whether it replaced an existing file. The one path every kind
     of upload takes; on any failure the blob is gone and no row was written."""
@@ -81,11 +83,13 @@ async def commit_upload(engine: AsyncEngine, storage: Storage, replicator: Repli
             await anyio.to_thread.run_sync(storage.remove_blob, blob_id)
         raise
     if displaced is not None:
-        await anyio.to_thread.run_sync(storage.remove_blob, displaced)
+        await anyio.to_thread.run_sync(storage.remove_content, displaced)
     if replicator is not None:
         replicator.enqueue(row.id)
         if displaced is not None:
             replicator.deletions_queued()
+    if prober is not None:
+        prober.committed()  # probe the new content now rather than at the next poll
     return row, displaced is not None
 
 
@@ -264,7 +268,8 @@ async def _store(request: Request, owner_id: uuid.UUID, *, multipart: bool, name
                 await writer.write(chunk)
             name, path = place(path, name)
         blob = await writer.finish()
-        return await commit_upload(state.engine, storage, state.replicator, owner_id, blob, name=name, path=path)
+        return await commit_upload(state.engine, storage, state.replicator, owner_id, blob, name=name, path=path,
+                                   prober=state.prober)
     except BaseException:
         await writer.abort()
         raise

@@ -1496,6 +1496,248 @@ async def section_workers(run: Run) -> None:
                     f"{got[1]['server_cpu_us']:,.0f} / {got[2]['server_cpu_us']:,.0f} µs")
     ratio = got[2]["per_s"] / got[1]["per_s"]
     run.report.figure(f"{label}: 2 workers ÷ 1 worker", ratio, "×", 2)
+# ---- media: probing and thumbnails --------------------------------------------------------------
+
+# Cold thumbnails are timed on this many uploads of the same file, sharp's as often; the best of each
+# is compared, since other work on a shared machine only ever adds to a time.
+MEDIA_COPIES = 7
+THUMBNAIL_GETS = 1000
+SHARP_SCRIPT = r"""
+const sharp = require(process.argv[2]);
+sharp.cache(false);
+const [file, runs] = [process.argv[3], Number(process.argv[4])];
+const make = (size) => sharp(file).resize(size, size, { fit: "inside", withoutEnlargement: true })
+  .webp({ quality: 80 }).toBuffer();
+(async () => {
+  await make(128);  // warmed as mediad's worker is: the same file once, at another size
+  const times = [];
+  for (let i = 0; i < runs; i++) {
+    const started = process.hrtime.bigint();
+    await make(256);
+    times.push(Number(process.hrtime.bigint() - started) / 1e6);
+  }
+  console.log(JSON.stringify({ times_ms: times, max_rss_kib: process.resourceUsage().maxRSS }));
+})();
+"""
+
+
+def make_photo(path: Path, width: int = 6000, height: int = 4000) -> None:
+    """24 megapixels with a camera photo's texture (noise compresses as badly as detail does)."""
+    import pyvips
+
+    noise = pyvips.Image.gaussnoise(width, height, sigma=40, mean=128)
+    xyz = pyvips.Image.xyz(width, height)
+    image = noise.bandjoin([xyz[0] / (width / 255), xyz[1] / (height / 255)]).cast("uchar")
+    image.copy(interpretation="srgb").jpegsave(str(path), Q=85)
+
+
+def make_video(path: Path, width: int, height: int, fps: int, seconds: float, *, noisy: bool) -> None:
+    """H.264 in MP4 with PyAV (ultrafast: the bench is about reading it, not making it)."""
+    import av
+    import pyvips
+
+    picture = (pyvips.Image.gaussnoise(width, height, sigma=50, mean=128) if noisy
+               else pyvips.Image.xyz(width, height)[0] % 256).cast("uchar")
+    rgba = bytes(picture.bandjoin([picture, picture, 255]).cast("uchar").write_to_memory())
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=fps, options={"preset": "ultrafast"})
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.gop_size = 2 * fps
+        frame = av.VideoFrame.from_bytes(rgba, width, height, "rgba").reformat(format="yuv420p")
+        for index in range(round(seconds * fps)):
+            frame.pts = index
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+async def upload_file(client: httpx.AsyncClient, server: Server, path: Path, name: str) -> dict[str, Any]:
+    size = await asyncio.to_thread(os.path.getsize, path)
+    answer = await send_stream(client, "POST", f"/files?name={name}", _file_chunks(path), size, headers=server.headers)
+    if answer["status"] != 201:
+        raise RuntimeError(f"upload of {name} answered {answer['status']}: {answer['json']}")
+    file: dict[str, Any] = answer["json"]
+    return file
+
+
+async def wait_probed(client: httpx.AsyncClient, server: Server, file_id: str) -> dict[str, Any]:
+    for _ in range(1200):
+        file: dict[str, Any] = (await client.get(f"/files/{file_id}", headers=server.headers)).json()
+        if file["media"] is not None:
+            return file
+        await asyncio.sleep(0.05)
+    raise RuntimeError(f"{file_id} was not probed within a minute")
+
+
+async def cold_thumbnails(client: httpx.AsyncClient, server: Server, ids: list[str], size: int = 256) -> list[float]:
+    """Seconds for the first (uncached) GET of each file's thumbnail, one after another."""
+    times = []
+    for file_id in ids:
+        started = time.perf_counter()
+        answer = await client.get(f"/files/{file_id}/thumbnail?size={size}",
+                                  headers={**server.headers, "Accept": "image/webp"})
+        times.append(time.perf_counter() - started)
+        if answer.status_code != 200:
+            raise RuntimeError(f"thumbnail of {file_id} answered {answer.status_code}: {answer.text}")
+    return times
+
+
+def repeated_gets(server: Server, target: str, headers: dict[str, str], count: int) -> Result:
+    """`count` GETs of one small resource over RANGE_CLIENTS keep-alive connections."""
+    pending = iter(range(count))
+    lock = threading.Lock()
+    latencies: list[float] = []
+    errors: list[str] = []
+
+    def client() -> None:
+        conn = RawConnection(server.port)
+        try:
+            while True:
+                with lock:
+                    if next(pending, None) is None:
+                        return
+                got = conn.get(target, {**server.headers, **headers})
+                latencies.append(got.seconds)
+                if got.status != 200 or not got.length:
+                    errors.append(f"{got.status}, {got.length} bytes")
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=client) for _ in range(RANGE_CLIENTS)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - started
+    return {"per_s": count / seconds, "p50_ms": percentile(latencies, 50) * 1000,
+            "p99_ms": percentile(latencies, 99) * 1000, "errors": len(errors)}
+
+
+def sharp_thumbnails(bench_dir: Path, photo: Path) -> Result | None:
+    """The same 256 px WebP from the same file with sharp (Node, its own bundled libvips)."""
+    node_dir = bench_dir / "sharp"
+    node_dir.mkdir(exist_ok=True)
+    try:
+        subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--silent", "sharp"], cwd=node_dir,
+                       check=True, timeout=600, capture_output=True)
+        (node_dir / "thumb.js").write_text(SHARP_SCRIPT)
+        done = subprocess.run(["node", "thumb.js", str(node_dir / "node_modules" / "sharp"), str(photo),
+                               str(MEDIA_COPIES)], cwd=node_dir, check=True, timeout=300, capture_output=True)
+    except (OSError, subprocess.SubprocessError) as exc:
+        print(f"bench: sharp is not available ({exc}); no reference for thumbnails", file=sys.stderr)
+        return None
+    result: Result = json.loads(done.stdout)
+    return result
+
+
+def ffmpeg_poster_seconds(video: Path, at_s: float, out: Path) -> float:
+    """The reference for a poster: ffmpeg's CLI seeking and scaling one frame to 256 px."""
+    import imageio_ffmpeg
+
+    started = time.perf_counter()
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-ss", f"{at_s:.3f}", "-i", str(video),
+                    "-frames:v", "1", "-vf", "scale=256:-2", "-y", str(out)], check=True, timeout=120)
+    return time.perf_counter() - started
+
+
+def probe_seconds(video: Path, repeats: int = 5) -> float:
+    """The probe itself (what a worker runs per file), best of `repeats`, in this process."""
+    from mediad.media import probe
+
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        media = probe(str(video), "video", 100_000_000)
+        best = min(best, time.perf_counter() - started)
+    if media["status"] != "ready" or abs(media["duration_s"] - 3600) > 1:
+        raise RuntimeError(f"the 1-hour MP4 probed as {media}")
+    return best
+
+
+async def media_files(run: Run) -> dict[str, Path]:
+    files = {"photo": run.bench_dir / "photo-24mp.jpg", "uhd": run.bench_dir / "uhd.mp4",
+             "hour": run.bench_dir / "hour.mp4"}
+    await asyncio.to_thread(make_photo, files["photo"])
+    await asyncio.to_thread(make_video, files["uhd"], 3840, 2160, 25, 4.0, noisy=True)
+    await asyncio.to_thread(make_video, files["hour"], 64, 64, 25, 3600.0, noisy=False)
+    return files
+
+
+async def section_media(run: Run) -> None:
+    server, report = run.server, run.report
+    files = await media_files(run)
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=TIMEOUT) as client:
+        photos = [(await upload_file(client, server, files["photo"], f"p{i}.jpg"))["id"] for i in range(MEDIA_COPIES)]
+        await cold_thumbnails(client, server, photos[:1], 128)  # a worker started, its libraries loaded
+        posters = [(await upload_file(client, server, files["uhd"], f"v{i}.mp4"))["id"] for i in range(3)]
+        hour = await upload_file(client, server, files["hour"], "hour.mp4")
+        for file_id in [*photos, *posters, hour["id"]]:
+            await wait_probed(client, server, file_id)  # probing done: the thumbnails have the workers
+        photo_cold = await cold_thumbnails(client, server, photos)
+        poster_cold = await cold_thumbnails(client, server, posters)
+        range_file = await upload(server, client, "PUT", "/files?path=/bench/ranges.bin", run.buf, 64 * MiB)
+        target = f"/files/{photos[0]}/thumbnail?size=256"
+        cached = await asyncio.to_thread(repeated_gets, server, target, {"Accept": "image/webp"}, THUMBNAIL_GETS)
+        ranges = await asyncio.to_thread(range_requests, server, f"/files/{range_file['id']}/content", 64 * MiB,
+                                         run.buf)
+        concurrent = await concurrent_thumbnails(client, server, photos[-1])
+    sharp = await asyncio.to_thread(sharp_thumbnails, run.bench_dir, files["photo"])
+    ffmpeg_s = await asyncio.to_thread(ffmpeg_poster_seconds, files["uhd"], 0.4, run.bench_dir / "poster.jpg")
+    probe_s = await asyncio.to_thread(probe_seconds, files["hour"])
+    report_media(report, photo_cold, poster_cold, cached, ranges, concurrent, sharp, ffmpeg_s, probe_s)
+
+
+async def concurrent_thumbnails(client: httpx.AsyncClient, server: Server, file_id: str) -> Result:
+    """16 cold thumbnails of one 24 MP JPEG at once (16 sizes), retrying 503s as clients do;
+    the server's RSS growth (the worker processes apart) and /health meanwhile."""
+    baseline = proc_status(server.pid)["VmRSS"]
+
+    async def one(size: int) -> None:
+        for _ in range(30):
+            answer = await client.get(f"/files/{file_id}/thumbnail?size={size}",
+                                      headers={**server.headers, "Accept": "image/webp"})
+            if answer.status_code != 503:
+                break
+            await asyncio.sleep(float(answer.headers.get("retry-after", "1")))
+        if answer.status_code != 200:
+            raise RuntimeError(f"thumbnail {size} answered {answer.status_code}: {answer.text}")
+
+    with RssSampler(server.pid, child_prefix="python") as rss:
+        async with health_watched(server.base_url) as health:
+            await asyncio.gather(*(one(300 + n) for n in range(16)))
+    return {"seconds": health.finished - health.started, "growth_mib": (rss.peak_kib - baseline) / 1024,
+            "worker_peak_mib": rss.child_peak_kib / 1024, **health.stats()}
+
+
+def report_media(report: Report, photo_cold: list[float], poster_cold: list[float], cached: Result,
+                 ranges: Result, concurrent: Result, sharp: Result | None, ffmpeg_s: float, probe_s: float) -> None:
+    photo_ms, poster_ms = min(photo_cold) * 1000, min(poster_cold) * 1000
+    report.note("24 MP JPEG → 256 px WebP, cold, over HTTP (best / median)",
+                f"{photo_ms:.1f} / {statistics.median(photo_cold) * 1000:.1f} ms")
+    report.note("4K H.264 → 256 px WebP poster, cold, over HTTP (best / median)",
+                f"{poster_ms:.1f} / {statistics.median(poster_cold) * 1000:.1f} ms")
+    report.figure("4K H.264 poster with ffmpeg's CLI (reference, JPEG)", ffmpeg_s * 1000, "ms", 1)
+    report.figure(f"cached thumbnail, {RANGE_CLIENTS} connections", cached["per_s"], "req/s")
+    report.figure(f"cached thumbnail p99 ({cached['errors']} errors)", cached["p99_ms"], "ms", 1)
+    report.figure(f"{RANGE_SIZE // MiB} MiB range requests, same run", ranges["per_s"], "req/s")
+    report.figure("16 concurrent cold thumbnails: wall time", concurrent["seconds"], "s", 2)
+    report.figure("16 concurrent cold thumbnails: /health p99", concurrent["health_p99_ms"], "ms", 1)
+    report.figure("16 concurrent cold thumbnails: a media worker's peak RSS", concurrent["worker_peak_mib"], "MiB", 1)
+    report.figure("probe of a 1-hour MP4 (in a worker's code, best of 5)", probe_s * 1000, "ms", 1)
+    if sharp is not None:
+        sharp_ms = min(sharp["times_ms"])
+        report.note("sharp: 24 MP JPEG → 256 px WebP, in process (best / median)",
+                    f"{sharp_ms:.1f} / {statistics.median(sharp['times_ms']):.1f} ms")
+        report.figure("sharp: peak RSS of its Node process", sharp["max_rss_kib"] / 1024, "MiB", 1)
+        report.target("cold 256 px thumbnail of a 24 MP JPEG vs sharp", f"{photo_ms / sharp_ms:.2f}×", "≤ 1.5×",
+                      photo_ms <= 1.5 * sharp_ms)
+    report.target("cached thumbnails vs range requests", f"{cached['per_s'] / ranges['per_s']:.2f}×", "≥ 1×",
+                  cached["per_s"] >= ranges["per_s"] and cached["errors"] == 0)
+    report.target("server RSS growth, 16 concurrent thumbnails", f"{concurrent['growth_mib']:.2f} MiB", "< 64 MiB",
+                  concurrent["growth_mib"] < 64)
+    report.target("probe of a 1-hour MP4", f"{probe_s * 1000:.1f} ms", "< 50 ms", probe_s < 0.05)
 
 
 SECTIONS: dict[str, Callable[[Run], Awaitable[None]]] = {
@@ -1507,6 +1749,7 @@ SECTIONS: dict[str, Callable[[Run], Awaitable[None]]] = {
     "tus": section_tus,
     "webhooks": section_webhooks,
     "workers": section_workers,
+    "media": section_media,
 }
 
 

@@ -17,7 +17,7 @@ from conftest import Server, User, assert_problem
 from mediad.storage import blob_relpath
 
 FILE_KEYS = {"id", "name", "extension", "format", "size", "sha256", "path", "created_at", "updated_at",
-             "cloud", "local"}
+             "cloud", "local", "media"}
 RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 
 

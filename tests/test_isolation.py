@@ -4,6 +4,7 @@ added later is tested here without anyone remembering to."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import io
@@ -31,8 +32,16 @@ OFFSET_STREAM = "application/offset+octet-stream"
 State = Callable[[], Awaitable[Any]]  # what the owner sees of a resource, to compare before and after
 
 
+# A 1×1 GIF, so every file route (its thumbnail too) has something to answer the owner with.
+_PICTURE = bytes.fromhex("474946383761010001008000000000000000002c000000000100010000080400010404003b")
+
+
 async def _a_file(http: httpx.AsyncClient, owner: User) -> tuple[str, State]:
-    file = await upload(http, owner, b"A's secret bytes", path=f"/private/{uuid.uuid4().hex}.txt")
+    file = await upload(http, owner, _PICTURE + b"A's secret bytes", path=f"/private/{uuid.uuid4().hex}.gif")
+    for _ in range(400):  # probed before comparing: its media turns from null to known once
+        if (await http.get(f"/files/{file['id']}", headers=owner.auth)).json()["media"] is not None:
+            break
+        await asyncio.sleep(0.05)
 
     async def state() -> Any:
         shown = await http.get(f"/files/{file['id']}", headers=owner.auth)

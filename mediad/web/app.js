@@ -3,6 +3,7 @@
 import { revokeSession, setUpAccount } from "./account.js";
 import { api, session } from "./api.js";
 import { closePreview, loadMore, refreshFiles, renderFiles, resetFiles, scheduleRefresh } from "./files.js";
+import { setUpGallery } from "./gallery.js";
 import { canRecord, startRecording } from "./recorder.js";
 import { $, clearError, h, humanSize, showError, shownName } from "./ui.js";
 import { clearFinished, resetUploads, setUpDropzone, showRemembered, uploadsRunning } from "./uploads.js";
@@ -146,6 +147,8 @@ function start() {
   $("refresh").addEventListener("click", refreshFiles);
   $("clear-uploads").addEventListener("click", clearFinished);
   $("sort").addEventListener("change", renderFiles);
+  $("kind").addEventListener("change", refreshFiles);
+  setUpGallery(renderFiles);
   $("more").addEventListener("click", loadMore);
   $("preview-close").addEventListener("click", () => $("preview").close());
   $("preview").addEventListener("close", closePreview);

@@ -1,6 +1,7 @@
 // The file list and what can be done to a file: preview, download, share, delete; the usage line.
 
 import { api, signedLink } from "./api.js";
+import { galleryShown, renderGallery } from "./gallery.js";
 import { $, clearError, h, humanSize, showError, shownName } from "./ui.js";
 
 const PAGE_SIZE = 200;
@@ -32,6 +33,7 @@ function listQuery(cursor) {
   const params = new URLSearchParams({ limit: String(PAGE_SIZE) });
   const prefix = $("prefix").value.trim();
   if (prefix) params.set("prefix", prefix.startsWith("/") ? prefix : `/${prefix}`);
+  if ($("kind").value) params.set("kind", $("kind").value);
   if (cursor) params.set("cursor", cursor);
   return `/files?${params}`;
 }
@@ -111,8 +113,12 @@ function fileRow(file) {
 }
 
 export function renderFiles() {
-  const rows = sortedFiles().map(fileRow);
-  $("file-rows").replaceChildren(...rows);
+  if (galleryShown()) {
+    renderGallery(sortedFiles(), { preview, download }, refreshFiles);
+    $("file-rows").replaceChildren();
+  } else {
+    $("file-rows").replaceChildren(...sortedFiles().map(fileRow));
+  }
   $("more").hidden = !nextCursor;
   const prefix = $("prefix").value.trim();
   $("files-status").textContent = files.length
