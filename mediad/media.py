@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from . import db
+from . import db, webhooks
 from .mediapool import MediaPool, WorkerFailed
 from .storage import Storage
 
@@ -305,6 +305,8 @@ class Prober:
             raise
         async with self.engine.begin() as conn:
             done = await db.finish_probe(conn, row.id, row.blob_id, media)
+            if done is not None:  # announced with the result, ready or failed (media.status says)
+                await webhooks.emit_file(conn, "file.media_ready", done, self.node)
         if done is not None:
             log.info("probed %s: %s %s", row.id, media["kind"], media["status"],
                      extra={"file_id": str(row.id), "error": media.get("error")})
