@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from . import db, tus
+from . import db
 from .auth import (
     authenticate,
     bearer_token,
@@ -114,7 +114,7 @@ async def delete_account(engine: AsyncEngine, storage: Storage, user_id: uuid.UU
         for blob_id in blobs:
             storage.remove_content(blob_id)
         for upload_id in upload_ids:
-            tus.partial_path(storage, upload_id).unlink(missing_ok=True)
+            storage.partial_path(upload_id).unlink(missing_ok=True)
 
     await anyio.to_thread.run_sync(remove)
     return len(blobs)

@@ -22,12 +22,12 @@ import anyio
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse
 
 from . import db, webhooks
 from .auth import authenticate, user_for_token
 from .config import Settings
-from .downloads import serve_file
+from .downloads import AccelResponse, BlobResponse, serve_file
 from .errors import (
     BadRequest,
     NotFound,
@@ -253,7 +253,7 @@ async def post_records(request: Request) -> JSONResponse:
                         status_code=201, headers={"Location": f"/files/{row.id}"})
 
 
-async def get_record(request: Request) -> Response:
+async def get_record(request: Request) -> BlobResponse | AccelResponse:
     """The MP3 behind a record link: no token, the random record id is the capability."""
     params = request.query_params
     if "id" not in params or "user" not in params:

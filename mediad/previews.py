@@ -19,6 +19,7 @@ from .downloads import evaluate_preconditions, owned_by_bearer
 from .errors import NotFound, PreconditionFailed, ServiceUnavailable
 from .files import parse_file_id
 from .thumbnails import MEDIA_TYPES, choose_format, etag, parse_size
+from .writer import BlobWriter
 
 CLOUD_READ_BACK_MAX = 1 << 30  # bytes of an evicted File read back from the cloud for one thumbnail
 _CACHE_CONTROL = "private, max-age=31536000, immutable"  # the URL carries the content's version (&v=)
@@ -38,7 +39,7 @@ async def readable_copy(state: State, row: Row[Any]) -> AsyncIterator[Path]:
     if row.size > CLOUD_READ_BACK_MAX:
         raise NotFound(f"no thumbnail can be made for this file: it is kept in the cloud only, and reading "
                        f"back more than {CLOUD_READ_BACK_MAX >> 20} MiB to make a picture is not worth it")
-    writer = storage.open_writer(row.size)
+    writer = BlobWriter.create(storage, max_bytes=row.size)
     try:
         try:
             async for chunk in state.store.read(cloud_key(row.blob_id), 0, row.size):

@@ -178,7 +178,7 @@ async def test_the_probe_decides_the_kind(client: httpx.AsyncClient, user: User)
 async def test_replace_resets_media_to_pending(client: httpx.AsyncClient, user: User) -> None:
     first = await upload(client, user, samples.png_alpha(64, 48), path="/p/pic.png")
     assert (await probed(client, user, first["id"]))["media"]["width"] == 64
-    replaced = await upload(client, user, samples.png_alpha(20, 10), path="/p/pic.png")
+    replaced = await upload(client, user, samples.png_alpha(20, 10), path="/p/pic.png", replaces=True)
     assert replaced["id"] == first["id"] and replaced["media"] is None
     media = (await probed(client, user, first["id"]))["media"]
     assert (media["width"], media["height"]) == (20, 10)

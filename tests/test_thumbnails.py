@@ -114,7 +114,7 @@ async def test_replaced_content_gets_a_new_thumbnail(client: httpx.AsyncClient, 
     first = await upload(client, user, samples.png_alpha(64, 48), path="/r/pic.png")
     before = await thumb(client, user, first["id"], 32)
     assert len(_derived(server)) == already + 1
-    await upload(client, user, samples.photo(width=100, height=50, orientation=1), path="/r/pic.png")
+    await upload(client, user, samples.photo(width=100, height=50, orientation=1), path="/r/pic.png", replaces=True)
     after = await thumb(client, user, first["id"], 32)
     assert after.status_code == 200 and after.headers["etag"] != before.headers["etag"]
     assert (samples.decode(after.content).width, samples.decode(after.content).height) == (32, 16)
@@ -202,7 +202,7 @@ async def test_signed_thumbnail_links(client: httpx.AsyncClient, user: User) -> 
     content = (await client.post(f"/files/{file['id']}/links", headers=user.auth, json={})).json()["path"]
     assert (await client.get(content)).content == (await client.get(f"/files/{file['id']}/content",
                                                                     headers=user.auth)).content
-    await upload(client, user, samples.png_alpha(), path="/l/pic.jpg")  # replaced: its links end
+    await upload(client, user, samples.png_alpha(), path="/l/pic.jpg", replaces=True)  # replaced: its links end
     assert_problem(await client.get(path, headers=WEBP), 403)
 
 

@@ -145,13 +145,13 @@ async def test_every_event_type_arrives_signed_with_the_file_as_it_is_after_the_
         await _sweep(server, settings, now=datetime.now(UTC) + timedelta(hours=2))  # evicts both files
         evicted_file = (await http.get(f"/files/{created['id']}", headers=user.auth)).json()
         assert (await http.delete(f"/files/{created['id']}", headers=user.auth)).status_code == 204
-        await arrived(receiver, 11, "evicted ×2, expired, deleted")
+        await arrived(receiver, 12, "evicted ×2, expired, deleted, and the record's media_ready")
         await asyncio.sleep(0.5)  # nothing more may come
 
     events = _by_type(receiver)
     assert sorted((t, len(e)) for t, e in events.items()) == [
-        ("file.created", 2), ("file.deleted", 1), ("file.evicted", 2), ("file.replaced", 1),
-        ("file.stored", 3), ("record.created", 1), ("upload.expired", 1)]
+        ("file.created", 2), ("file.deleted", 1), ("file.evicted", 2), ("file.media_ready", 1),
+        ("file.replaced", 1), ("file.stored", 3), ("record.created", 1), ("upload.expired", 1)]
     assert all(r.verified for r in receiver.received), [r.headers for r in receiver.received if not r.verified]
     assert len({r.headers["webhook-id"] for r in receiver.received}) == len(receiver.received)
     assert all(r.headers["content-type"] == "application/json" for r in receiver.received)
