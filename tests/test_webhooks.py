@@ -162,6 +162,8 @@ async def test_every_event_type_arrives_signed_with_the_file_as_it_is_after_the_
     assert mine[created["id"]] == created
     assert events["file.replaced"][0]["data"] == {"file": replaced}
     assert events["record.created"][0]["data"] == {"file": record.json()["file"]}
+    probed = events["file.media_ready"][0]["data"]["file"]  # the record's MP3, once probed
+    assert probed["id"] == record.json()["id"] and probed["media"]["kind"] == "audio"
     stored = sorted((e["timestamp"], e["data"]["file"]) for e in events["file.stored"]
                     if e["data"]["file"]["id"] == created["id"])
     assert [file["sha256"] for _, file in stored] == [created["sha256"], replaced["sha256"]]
@@ -175,7 +177,7 @@ async def test_every_event_type_arrives_signed_with_the_file_as_it_is_after_the_
     assert expired == {"id": upload_id, "offset": 0, "length": 10, "expires_at": expired["expires_at"], "file_id": None}
     rows = await _sql(hook_db, "SELECT status, attempts, last_status_code FROM webhook_deliveries")
     assert {(r["status"], r["attempts"], r["last_status_code"]) for r in rows} == {("delivered", 1, 204)}
-    assert len(rows) == 11  # the quiet user's upload wrote none
+    assert len(rows) == 12  # the quiet user's upload wrote none
 
 
 async def test_an_endpoint_gets_only_the_events_it_asked_for(hook_db: str, tmp_path: Path,
