@@ -24,7 +24,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
-from . import audio, auth, downloads, files, links, openapi, tus, uploads
+from . import audio, auth, downloads, files, links, openapi, tree, tus, uploads
 from .cleanup import AccessTracker, cleanup_loop, recover
 from .cloud import CloudError, ObjectStore, Replicator
 from .config import Settings
@@ -101,6 +101,9 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
         Route("/files", files.list_, methods=["GET"]),
         Route("/files/{file_id}", files.show, methods=["GET"]),
         Route("/files/{file_id}", files.delete, methods=["DELETE"]),
+        Route("/files/{file_id}", tree.move, methods=["PATCH"]),
+        Route("/folders", tree.list_folder, methods=["GET"]),
+        Route("/folders", tree.delete_folder, methods=["DELETE"]),
         Route("/files/{file_id}/content", downloads.content, methods=["GET", "HEAD"]),
         Route("/files/{file_id}/links", links.create_link, methods=["POST"]),
         Route("/download", downloads.download, methods=["GET", "HEAD"]),

@@ -131,7 +131,8 @@ async def create_user(request: Request) -> JSONResponse:
         password_hash = await anyio.to_thread.run_sync(hash_password, _clean_password(password))
     token = new_token()
     async with request.app.state.engine.begin() as conn:
-        user_id = await db.insert_user(conn, name, name_key, password_hash)
+        user_id = await db.insert_user(conn, name, name_key, password_hash,
+                                       quota=request.app.state.settings.default_quota_bytes)
         if user_id is None:
             raise Conflict(f"the name {name!r} is taken")
         await db.insert_token(conn, user_id, token_hash(token))

@@ -10,10 +10,12 @@ from typing import Any
 
 import anyio
 from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncConnection
+from starlette.datastructures import State
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from . import db
+from . import db, quotas
 from .auth import authenticate
 from .cloud import cloud_key
 from .errors import NotFound, Unprocessable
@@ -109,18 +111,39 @@ async def delete(request: Request) -> Response:
     file_id = parse_file_id(request.path_params["file_id"])
     state = request.app.state
     async with state.engine.begin() as conn:
-        gone = await db.delete_file(conn, owner_id, file_id)
-        if gone is None:
+        blob_id = await drop_file(conn, owner_id, file_id)
+        if blob_id is None:
             raise NotFound("no such file")
-        await db.queue_deletion(conn, cloud_key(gone.blob_id))
-    await anyio.to_thread.run_sync(state.storage.remove_blob, gone.blob_id)
+    await forget_blobs(state, [blob_id])
+    return Response(status_code=204)
+
+
+async def drop_file(conn: AsyncConnection, owner_id: uuid.UUID, file_id: uuid.UUID) -> uuid.UUID | None:
+    """Delete a File's row and queue its cloud copy's deletion, in the caller's transaction; → the
+    blob whose local bytes go once that commits (`forget_blobs`), None if there was no such file."""
+    gone = await db.delete_file(conn, owner_id, file_id)
+    if gone is None:
+        return None
+    await db.queue_deletion(conn, cloud_key(gone.blob_id))
+    return uuid.UUID(str(gone.blob_id))
+
+
+async def forget_blobs(state: State, blob_ids: list[uuid.UUID]) -> None:
+    """After the commit that deleted their rows: the local bytes go now (even if the request is
+    cancelled meanwhile), the queued cloud deletions as soon as the replicator gets to them."""
+    def remove() -> None:
+        for blob_id in blob_ids:
+            state.storage.remove_blob(blob_id)
+
+    with anyio.CancelScope(shield=True):
+        await anyio.to_thread.run_sync(remove)
     if state.replicator is not None:
         state.replicator.deletions_queued()
-    return Response(status_code=204)
 
 
 async def usage(request: Request) -> JSONResponse:
     owner_id = await authenticate(request)
     async with request.app.state.reader.connect() as conn:
         count, total = await db.usage(conn, owner_id)
-    return JSONResponse({"files": count, "bytes": total})
+        quota = await quotas.quota_of(conn, owner_id)
+    return JSONResponse({"files": count, "bytes": total, "quota": quota})

@@ -29,7 +29,7 @@ from starlette.datastructures import State
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from . import db
+from . import db, quotas
 from .auth import authenticate
 from .errors import (
     DATABASE_UNAVAILABLE,
@@ -180,6 +180,7 @@ async def create(request: Request) -> Response:
     path = clean_path(metadata["path"]) if metadata.get("path") else None
     name, path = place(path, metadata["filename"])
     state.storage.check_reserve(length)
+    (await quotas.room(state.reader, owner_id, path)).check(length)
 
     upload_id = uuid.uuid4()
     expires_at = datetime.now(UTC) + timedelta(seconds=state.settings.upload_expire_s)
@@ -284,6 +285,8 @@ async def _patch(request: Request, upload_id: uuid.UUID, owner_id: uuid.UUID, *,
             raise Conflict("this upload is complete")
         if offset != row.offset:
             raise Conflict(f"Upload-Offset is {offset} but the upload is at {row.offset}")
+        # Other uploads may have used the room since creation: refuse before taking more bytes.
+        (await quotas.room(state.reader, owner_id, row.path)).check(row.length)
         appended = await _append(request, state, row, checksum)
         released = True  # the statement that recorded the new offset released the claim
         return appended

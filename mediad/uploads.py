@@ -20,7 +20,7 @@ from starlette.datastructures import State
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
-from . import db
+from . import db, quotas
 from .auth import authenticate
 from .cloud import cloud_key
 from .errors import BadRequest, InsufficientStorage, PayloadTooLarge, Unprocessable
@@ -146,6 +146,7 @@ async def commit_upload(state: State, owner_id: uuid.UUID, blob: Blob, *, name: 
         raise
     try:
         async with state.engine.begin() as conn:
+            await quotas.reserve(conn, owner_id, blob.size, path)
             row, displaced = await db.put_file(conn, values)
             if also is not None:  # more rows that stand or fall with this File (a record)
                 await also(conn, row)
@@ -300,7 +301,10 @@ async def _receive_raw(request: Request, writer: BlobWriter) -> None:
 async def _store(request: Request, owner_id: uuid.UUID, *, multipart: bool, name: str | None,
                  path: str | None) -> tuple[Row[Any], bool]:
     state = request.app.state
-    writer = state.storage.open_writer(state.settings.max_upload_bytes)
+    max_bytes = state.settings.max_upload_bytes
+    room = await quotas.room(state.reader, owner_id, path)
+    _check_quota_declared(request, room, max_bytes, multipart)
+    writer = state.storage.open_writer(room.cap(max_bytes))  # stops at the quota mid-stream too
     try:
         if multipart:
             filename, values = await receive_multipart(request, writer)
@@ -312,9 +316,22 @@ async def _store(request: Request, owner_id: uuid.UUID, *, multipart: bool, name
             name, path = place(path, name)
         blob = await writer.finish()
         return await commit_upload(state, owner_id, blob, name=name, path=path)
+    except PayloadTooLarge as exc:
+        await writer.abort()
+        raise room.mapped(exc, max_bytes, writer.size) from None
     except BaseException:
         await writer.abort()
         raise
+
+
+def _check_quota_declared(request: Request, room: quotas.Room, max_bytes: int, multipart: bool) -> None:
+    """507 before the body when its declared length cannot fit the quota (a length over the upload
+    limit is left to the 413). A multipart body is counted without its envelope allowance; a path
+    sent in its form field is not known yet, so only a ?path= replace is credited this early."""
+    declared = _declared_length(request)
+    envelope = MULTIPART_ENVELOPE if multipart else 0
+    if declared is not None and declared <= max_bytes + envelope:
+        room.check(declared - envelope)
 
 
 def _created(row: Row[Any], replaced: bool, node: uuid.UUID | None) -> JSONResponse:
