@@ -206,6 +206,45 @@ def _cleanup(settings: Settings, *, once: bool, dry_run: bool) -> int:
         return asyncio.run(run(url))
 
 
+def add_users_set_quota(users_actions: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """`mediad users set-quota NAME BYTES|none`, under the `users` command group."""
+    quota_cmd = users_actions.add_parser("set-quota", help="set how many bytes a user's files may take")
+    quota_cmd.add_argument("name", help="the user's name (case-insensitive)")
+    quota_cmd.add_argument("bytes", help="a byte count (1073741824, 500MiB, 10GiB) or none for unlimited")
+
+
+def _users_set_quota(settings: Settings, name: str, text: str) -> int:
+    import asyncio
+
+    from . import db, quotas
+    from .auth import clean_user_name
+    from .config import parse_size
+    from .errors import Unprocessable
+
+    try:
+        quota = None if text.strip().lower() == "none" else parse_size(text)
+        _, name_key = clean_user_name(name)
+    except (ValueError, Unprocessable) as exc:
+        print(f"mediad: {getattr(exc, 'detail', exc)}", file=sys.stderr)
+        return 2
+
+    async def update(url: str) -> bool:
+        engine = db.create_engine(url, settings)
+        try:
+            async with engine.begin() as conn:
+                return await quotas.set_quota(conn, name_key, quota)
+        finally:
+            await engine.dispose()
+
+    with database(settings.database_url, settings.data_dir) as url:
+        found = asyncio.run(update(url))
+    if not found:
+        print(f"mediad: no user named {name!r}", file=sys.stderr)
+        return 1
+    print(f"quota of {name}: " + ("unlimited" if quota is None else f"{quota} bytes"))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mediad", description="mediad media file service")
     parser.add_argument("--version", action="version", version=f"mediad {__version__}")
@@ -227,6 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     which = retry_cmd.add_mutually_exclusive_group(required=True)
     which.add_argument("--all", action="store_true", help="every failed file")
     which.add_argument("file_id", nargs="?", help="one file id")
+    users_cmd = commands.add_parser("users", help="user accounts")
+    add_users_set_quota(users_cmd.add_subparsers(dest="users_command", required=True))
     args = parser.parse_args(argv)
     if args.command == "mock-cloud":
         return mockcloud.main_from_args(args)
@@ -247,6 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(settings, args.server)
     if args.command == "cleanup":
         return _cleanup(settings, once=args.once or args.dry_run, dry_run=args.dry_run)
+    if args.command == "users" and args.users_command == "set-quota":
+        return _users_set_quota(settings, args.name, args.bytes)
     if args.command == "cloud":
         return _cloud_retry(settings, None if args.all else args.file_id)
     if args.command == "migrate":

@@ -87,6 +87,9 @@ def _parse_size(text: str) -> int:
     return int(match.group(1)) * _UNITS[unit]
 
 
+parse_size = _parse_size  # byte counts given on the command line read the same way
+
+
 def _parse_bool(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in _TRUE:
