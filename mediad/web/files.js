@@ -1,6 +1,7 @@
 // The file list and what can be done to a file: preview, download, share, delete; the usage line.
 
 import { api, signedLink } from "./api.js";
+import { moveButton, refreshTree } from "./tree.js";
 import { $, clearError, h, humanSize, showError, shownName } from "./ui.js";
 
 const PAGE_SIZE = 200;
@@ -10,7 +11,9 @@ const PAGE_SIZE = 200;
 export async function refreshUsage() {
   try {
     const usage = await api("/usage");
-    $("usage").textContent = `${usage.files} ${usage.files === 1 ? "file" : "files"} · ${humanSize(usage.bytes)}`;
+    const quota = usage.quota == null ? ""
+      : ` of ${humanSize(usage.quota)} (${Math.min(100, Math.round((100 * usage.bytes) / Math.max(usage.quota, 1)))}%)`;
+    $("usage").textContent = `${usage.files} ${usage.files === 1 ? "file" : "files"} · ${humanSize(usage.bytes)}${quota}`;
   } catch (err) {
     $("usage").textContent = "";
     if (err.status !== 401) showError(err, "Could not read your usage");
@@ -38,6 +41,7 @@ function listQuery(cursor) {
 
 export async function refreshFiles() {
   refreshUsage();
+  refreshTree();
   $("files-status").textContent = "Loading…";
   try {
     const page = await api(listQuery(null));
@@ -95,6 +99,7 @@ function fileRow(file) {
       "aria-label": `Download ${shownName(file.name)}` }),
     h("button", { type: "button", class: "secondary", onclick: () => share(file), text: "Copy link",
       "aria-label": `Copy a link to ${shownName(file.name)}` }),
+    moveButton(file),
     h("button", { type: "button", class: "danger", onclick: () => remove(file), text: "Delete",
       "aria-label": `Delete ${shownName(file.name)}` }),
   );
@@ -159,7 +164,7 @@ async function share(file) {
   }
 }
 
-function confirmDialog(text) {
+export function confirmDialog(text) {
   const dialog = $("confirm");
   $("confirm-text").textContent = text;
   dialog.returnValue = "";
