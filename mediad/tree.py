@@ -226,14 +226,14 @@ async def list_folder(request: Request) -> JSONResponse:
             raise NotFound(f"no folder {folder}: a folder exists while a file lies below it")
         folders: list[Row[Any]] = []
         if after_file is None:  # folders come first, then files
-            query = subfolders_query(owner_id, folder, after=after_folder, limit=limit + 1)
-            folders = list((await conn.execute(query)).all())
+            names = subfolders_query(owner_id, folder, after=after_folder, limit=limit + 1)
+            folders = list((await conn.execute(names)).all())
         if len(folders) > limit:
             folders, rows, next_cursor = folders[:limit], [], encode_folder_cursor(folders[limit - 1].name)
         else:
             room = limit - len(folders)
-            query = folder_files_query(owner_id, folder, after=after_file, limit=room + 1)
-            rows = list((await conn.execute(query)).all())
+            rows = list((await conn.execute(
+                folder_files_query(owner_id, folder, after=after_file, limit=room + 1))).all())
             next_cursor = None
             if len(rows) > room:
                 rows = rows[:room]
