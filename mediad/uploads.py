@@ -302,7 +302,9 @@ async def _store(request: Request, owner_id: uuid.UUID, *, multipart: bool, name
                  path: str | None) -> tuple[Row[Any], bool]:
     state = request.app.state
     max_bytes = state.settings.max_upload_bytes
-    room = await quotas.room(state.reader, owner_id, path)
+    # The path a replace would free: a folder path's file name is in a raw upload's query already.
+    replacing = place(path, name)[1] if path is not None and not multipart else path
+    room = await quotas.room(state.reader, owner_id, replacing)
     _check_quota_declared(request, room, max_bytes, multipart)
     writer = state.storage.open_writer(room.cap(max_bytes))  # stops at the quota mid-stream too
     try:

@@ -178,6 +178,12 @@ async def test_a_replace_counts_the_difference(server: Server, client: httpx.Asy
     assert replaced.status_code == 200
     assert_quota_problem(await client.put("/files", headers=user.auth, params={"path": "/doc.bin"},
                                           content=b"5" * 101), 100, 0)
+    # Named by a folder path and ?name=, the replaced file is credited before the body too.
+    async with raw_connection(server) as (reader, writer):
+        writer.write(request_head("PUT", "/files?path=/&name=doc.bin", {
+            "Authorization": f"Bearer {user.token}", "Content-Length": "100"}) + b"6" * 100)
+        await writer.drain()
+        assert (await read_response(reader)).status_code == 200
     assert await usage(client, user) == {"files": 1, "bytes": 100, "quota": 100}
 
 
