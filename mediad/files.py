@@ -128,16 +128,17 @@ async def drop_file(conn: AsyncConnection, owner_id: uuid.UUID, file_id: uuid.UU
     return uuid.UUID(str(gone.blob_id))
 
 
-async def forget_blobs(state: State, blob_ids: list[uuid.UUID]) -> None:
+async def forget_blobs(state: State, blob_ids: list[uuid.UUID], *, notify: bool = True) -> None:
     """After the commit that deleted their rows: the local bytes go now (even if the request is
-    cancelled meanwhile), the queued cloud deletions as soon as the replicator gets to them."""
+    cancelled meanwhile), the queued cloud deletions as soon as the replicator gets to them (told
+    now, or by the caller once it is done; the replicator also polls)."""
     def remove() -> None:
         for blob_id in blob_ids:
             state.storage.remove_blob(blob_id)
 
     with anyio.CancelScope(shield=True):
         await anyio.to_thread.run_sync(remove)
-    if state.replicator is not None:
+    if notify and state.replicator is not None:
         state.replicator.deletions_queued()
 
 

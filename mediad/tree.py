@@ -263,11 +263,13 @@ async def delete_folder(request: Request) -> JSONResponse:
     while recursive:
         async with state.engine.begin() as conn:
             blob_ids = await _delete_batch(conn, owner_id, folder, DELETE_BATCH)
-        if blob_ids:
-            await forget_blobs(state, blob_ids)
+        if blob_ids:  # the replicator hears of the cloud deletions at the end: it would compete
+            await forget_blobs(state, blob_ids, notify=False)
         deleted += len(blob_ids)
         if len(blob_ids) < DELETE_BATCH:
             break
+    if deleted and state.replicator is not None:
+        state.replicator.deletions_queued()
     if deleted == 0 and folder != "/":
         raise NotFound(f"no folder {folder}: a folder exists while a file lies below it")
     return JSONResponse({"deleted": deleted})

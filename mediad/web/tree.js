@@ -44,8 +44,8 @@ function folderItem(folder) {
   const count = `${folder.files} ${folder.files === 1 ? "file" : "files"} · ${humanSize(folder.bytes)}`;
   return h("li", { "data-path": folder.path },
     h("button", { type: "button", class: "link folder-open", onclick: () => openFolder(folder.path),
-      "aria-label": `Open folder ${shownName(name)}` }, h("span", { "aria-hidden": "true", text: "📁 " }),
-    h("span", { text: shownName(name), dir: "auto" })),
+      "aria-label": `Open folder ${shownName(name)}` }, h("span", { text: shownName(name), dir: "auto" }),
+    h("span", { "aria-hidden": "true", text: "/" })),
     h("span", { class: "muted", text: count }),
     h("button", { type: "button", class: "danger", onclick: () => deleteFolder(folder), text: "Delete folder",
       "aria-label": `Delete folder ${shownName(name)}` }));

@@ -72,3 +72,6 @@ def test_folders_moves_folder_deletion_and_quota(page: Any, web_server: Server) 
     usage = api.get("/usage").json()
     assert usage == {"files": 2, "bytes": 102, "quota": 1024}
     expect(page.locator("#usage")).to_have_text("2 files · 102 bytes of 1.0 KiB (10%)")
+    page.set_viewport_size({"width": 375, "height": 800})  # the tree fits a phone too
+    expect(page.locator('#folders li[data-path="/videos/"]')).to_be_visible()
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= 375
