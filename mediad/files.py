@@ -21,6 +21,7 @@ from .cloud import cloud_key
 from .errors import NotFound, Unprocessable
 
 MAX_LIMIT = 1000
+_UNLINK_THREADS = 8
 
 
 def rfc3339(moment: datetime | None) -> str | None:
@@ -132,12 +133,17 @@ async def forget_blobs(state: State, blob_ids: list[uuid.UUID], *, notify: bool 
     """After the commit that deleted their rows: the local bytes go now (even if the request is
     cancelled meanwhile), the queued cloud deletions as soon as the replicator gets to them (told
     now, or by the caller once it is done; the replicator also polls)."""
-    def remove() -> None:
-        for blob_id in blob_ids:
+    def remove(some: list[uuid.UUID]) -> None:
+        for blob_id in some:
             state.storage.remove_blob(blob_id)
 
+    # Many at once are spread over a few threads: an unlink of an fsynced file waits on the
+    # filesystem's journal, and eight in parallel took a tenth of the time of one after another.
+    shares = [blob_ids[i::_UNLINK_THREADS] for i in range(min(_UNLINK_THREADS, len(blob_ids)))]
     with anyio.CancelScope(shield=True):
-        await anyio.to_thread.run_sync(remove)
+        async with anyio.create_task_group() as group:
+            for share in shares:
+                group.start_soon(anyio.to_thread.run_sync, remove, share)
     if notify and state.replicator is not None:
         state.replicator.deletions_queued()
 
