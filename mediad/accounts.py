@@ -76,7 +76,7 @@ async def show_me(request: Request) -> JSONResponse:
     if user is None:  # deleted between the token check and this read
         raise NotFound("no such user")
     return JSONResponse({"id": str(user.id), "name": user.name, "created_at": rfc3339(user.created_at),
-                         "quota": None, "usage": {"files": count, "bytes": total}})
+                         "quota": user.quota, "usage": {"files": count, "bytes": total}})
 
 
 async def delete_me(request: Request) -> Response:

@@ -16,9 +16,9 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from . import db
+from . import db, quotas
 from .auth import clean_password, clean_user_name, hash_password, register, security_event
-from .config import Settings
+from .config import Settings, parse_size
 from .embedded import database
 from .errors import MediaError
 from .files import rfc3339
@@ -36,6 +36,9 @@ def add_cli(commands: Any) -> None:
                         "files are kept"), ("enable", "undo disable")):
         action = actions.add_parser(verb, help=text)
         action.add_argument("name")
+    quota = actions.add_parser("set-quota", help="set how many bytes a user's files may take")
+    quota.add_argument("name", help="the user's name (case-insensitive)")
+    quota.add_argument("bytes", help="a byte count (1073741824, 500MiB, 10GiB) or none for unlimited")
     tokens = commands.add_parser("tokens", help="revoke tokens")
     token_actions = tokens.add_subparsers(dest="tokens_command", required=True)
     revoke = token_actions.add_parser("revoke", help="revoke a token by its id (GET /auth/tokens shows ids)")
@@ -54,9 +57,12 @@ def main_from_args(settings: Settings, args: argparse.Namespace) -> int:
         except MediaError as exc:
             print(f"mediad: {exc.detail}", file=sys.stderr)
             return 2
-        return _run(settings, lambda engine: _create(engine, name, name_key, password))
+        return _run(settings, lambda engine: _create(engine, name, name_key, password,
+                                                     settings.default_quota_bytes))
     if command == "list":
         return _run(settings, _list)
+    if command == "set-quota":
+        return _set_quota(settings, args.name, args.bytes)
     return _run(settings, lambda engine: _set_disabled(engine, args.name, command == "disable"))
 
 
@@ -72,10 +78,11 @@ def _run(settings: Settings, job: Callable[[AsyncEngine], Awaitable[int]]) -> in
         return asyncio.run(run(url))
 
 
-async def _create(engine: AsyncEngine, name: str, name_key: str, password: str | None) -> int:
+async def _create(engine: AsyncEngine, name: str, name_key: str, password: str | None,
+                  quota: int | None) -> int:
     password_hash = hash_password(password) if password is not None else None
     try:
-        user_id, token = await register(engine, name, name_key, password_hash, "cli")
+        user_id, token = await register(engine, name, name_key, password_hash, "cli", quota=quota)
     except MediaError as exc:
         print(f"mediad: {exc.detail}", file=sys.stderr)
         return 1
@@ -123,3 +130,23 @@ async def _revoke(engine: AsyncEngine, text: str) -> int:
     security_event("token.revoked", token_id=str(token_id), client="cli")
     print(f"token {token_id} revoked")
     return 0
+
+
+def _set_quota(settings: Settings, name: str, text: str) -> int:
+    try:
+        quota = None if text.strip().lower() == "none" else parse_size(text)
+        _, name_key = clean_user_name(name)
+    except (ValueError, MediaError) as exc:
+        print(f"mediad: {getattr(exc, 'detail', exc)}", file=sys.stderr)
+        return 2
+
+    async def update(engine: AsyncEngine) -> int:
+        async with engine.begin() as conn:
+            found = await quotas.set_quota(conn, name_key, quota)
+        if not found:
+            print(f"mediad: no user named {name!r}", file=sys.stderr)
+            return 1
+        print(f"quota of {name}: " + ("unlimited" if quota is None else f"{quota} bytes"))
+        return 0
+
+    return _run(settings, update)

@@ -25,7 +25,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
-from . import accounts, audio, auth, downloads, fastpath, files, links, openapi, previews, tus, uploads, webhooks
+from . import accounts, audio, auth, downloads, fastpath, files, links, openapi, previews, tree, tus, uploads, webhooks
 from .cache import LookupCache, listener_dsn
 from .cleanup import AccessTracker, Report, cleanup_loop, recover
 from .cloud import CloudError, ObjectStore, Replicator, Store
@@ -71,6 +71,9 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
         Route("/files", files.list_, methods=["GET"]),
         Route("/files/{file_id}", files.show, methods=["GET"]),
         Route("/files/{file_id}", files.delete, methods=["DELETE"]),
+        Route("/files/{file_id}", tree.move, methods=["PATCH"]),
+        Route("/folders", tree.list_folder, methods=["GET"]),
+        Route("/folders", tree.delete_folder, methods=["DELETE"]),
         Route("/files/{file_id}/content", downloads.content, methods=["GET", "HEAD"]),
         Route("/files/{file_id}/links", links.create_link, methods=["POST"]),
         Route("/files/{file_id}/thumbnail", previews.thumbnail, methods=["GET", "HEAD"]),

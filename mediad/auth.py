@@ -244,18 +244,20 @@ async def create_user(request: Request) -> JSONResponse:
     password_hash = None
     if password is not None:
         password_hash = await anyio.to_thread.run_sync(hash_password, clean_password(password))
-    user_id, token = await register(request.app.state.engine, name, name_key, password_hash, "signup")
+    settings = request.app.state.settings
+    user_id, token = await register(request.app.state.engine, name, name_key, password_hash, "signup",
+                                    quota=settings.default_quota_bytes)
     security_event("user.created", request, user_id=user_id, name=name)
     security_event("token.created", request, user_id=user_id, via="sign-up")
     return JSONResponse({"id": str(user_id), "name": name, "token": token}, status_code=201)
 
 
 async def register(engine: AsyncEngine, name: str, name_key: str, password_hash: str | None,
-                   token_name: str) -> tuple[uuid.UUID, str]:
+                   token_name: str, *, quota: int | None = None) -> tuple[uuid.UUID, str]:
     """Create a user with a first token (POST /users, `mediad users create`); 409 if the name is taken."""
     token = new_token()
     async with engine.begin() as conn:
-        user_id = await db.insert_user(conn, name, name_key, password_hash)
+        user_id = await db.insert_user(conn, name, name_key, password_hash, quota=quota)
         if user_id is None:
             raise Conflict(f"the name {name!r} is taken")
         await db.insert_token(conn, user_id, token_hash(token), token_name)

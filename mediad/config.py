@@ -50,6 +50,7 @@ class Settings:
     cleanup_grace_s: float = 3600.0  # temp files and orphan blobs younger than this are left alone
     disk_high_water: float = 0.90
     min_free_bytes: int = 0
+    default_quota_bytes: int | None = None  # quota of new users; None: unlimited (mediad/quotas.py)
     upload_expire_s: int = 86400
     secret_key: str | None = None
     fsync: bool = True  # off only for throw-away deployments: a 2xx then no longer means durable
@@ -153,6 +154,9 @@ def _parse_size(text: str) -> int:
         raise ValueError("expected a byte count such as 1048576, 64MiB or 10GiB")
     unit = (match.group(2) or "").lower()[:1]
     return int(match.group(1)) * _UNITS[unit]
+
+
+parse_size = _parse_size  # byte counts given on the command line read the same way
 
 
 def _parse_bool(text: str) -> bool:

@@ -40,6 +40,8 @@ users = sa.Table(
     sa.Column("created_at", TZ, nullable=False, server_default=sa.func.now()),
     # Set by `mediad users disable`: every token of the user stops working, sign-in is refused.
     sa.Column("disabled_at", TZ),
+    # Bytes the user's files may take in all; NULL: unlimited (mediad/quotas.py).
+    sa.Column("quota", sa.BigInteger),
 )
 
 tokens = sa.Table(
@@ -86,6 +88,8 @@ def initial_media(format: str) -> dict[str, Any]:
         return {"media_kind": kind, "media_state": "pending", "media": None, "media_lease_until": None}
     return {"media_kind": "other", "media_state": "ready", "media_lease_until": None,
             "media": {"kind": "other", "status": "ready", "error": None}}
+# Everything up to the last "/" of a path (immutable functions only, as a generated column needs).
+FOLDER_OF_PATH = "left(path, length(path) - strpos(reverse(path), '/') + 1)"
 
 files = sa.Table(
     "files",
@@ -100,6 +104,9 @@ files = sa.Table(
     sa.Column("sha256", sa.Text, nullable=False),
     # Virtual path in the owner's tree; NULL when uploaded without one (NULLs never collide).
     sa.Column("path", sa.Text),
+    # The folder holding `path` ("/videos/" for "/videos/a.mp4"), kept by PostgreSQL itself: the
+    # folder listing finds a folder's own files, and groups its subfolders, with one index range.
+    sa.Column("folder", sa.Text, sa.Computed(FOLDER_OF_PATH, persisted=True)),
     # The stored content version: disk path and cloud key derive from it. A replace writes a
     # new blob and swaps this column, so readers see old or new bytes whole, never a mix.
     sa.Column("blob_id", UUID(as_uuid=True), nullable=False, unique=True),
@@ -130,6 +137,11 @@ files = sa.Table(
     sa.Index("ix_files_owner_created", "owner_id", "created_at", "id"),
     sa.Index("ix_files_cloud_due", "cloud_state", "cloud_next_attempt_at"),
     sa.Index("ix_files_media_state", "media_state"),
+    # text_pattern_ops compares bytes, so "starts with" is an index range (db.prefix_range) whatever
+    # the database's collation; size is included for index-only counts of a folder's bytes.
+    sa.Index("ix_files_owner_path", "owner_id", "path", postgresql_ops={"path": "text_pattern_ops"}),
+    sa.Index("ix_files_owner_folder", "owner_id", "folder", "created_at", "id",
+             postgresql_ops={"folder": "text_pattern_ops"}, postgresql_include=["size"]),
 )
 
 records = sa.Table(
@@ -295,12 +307,12 @@ def _out_of_reach(context: ExceptionContext) -> BaseException | None:
 # ---- users and tokens ---------------------------------------------------------------------------
 
 async def insert_user(conn: AsyncConnection, name: str, name_key: str,
-                      password_hash: str | None) -> uuid.UUID | None:
+                      password_hash: str | None, quota: int | None = None) -> uuid.UUID | None:
     """Insert a user; None when the name is taken (case-insensitively)."""
     user_id = uuid.uuid4()
     result = await conn.execute(
         insert(users)
-        .values(id=user_id, name=name, name_key=name_key, password_hash=password_hash)
+        .values(id=user_id, name=name, name_key=name_key, password_hash=password_hash, quota=quota)
         .on_conflict_do_nothing(index_elements=["name_key"])
         .returning(users.c.id)
     )
@@ -482,6 +494,28 @@ async def put_file(conn: AsyncConnection, values: dict[str, Any]) -> tuple[Row[A
         # Lost an insert race at this path: the winner's row is committed now; replace it.
 
 
+def prefix_range(prefix: str) -> tuple[str, str]:
+    """[low, high): exactly the strings that start with `prefix`, in byte (= code point) order.
+    `high` is the prefix with its last character incremented; U+10FFFF has no successor, so it is
+    dropped and the one before it incremented instead (a prefix is never all U+10FFFF: it starts
+    with "/")."""
+    stem = prefix
+    while stem:
+        code = ord(stem[-1]) + 1
+        if code <= 0x10FFFF:
+            return prefix, stem[:-1] + chr(0xE000 if 0xD800 <= code <= 0xDFFF else code)
+        stem = stem[:-1]
+    raise ValueError("a prefix needs a character below U+10FFFF")
+
+
+def starts_with(column: sa.ColumnElement[Any], prefix: str) -> sa.ColumnElement[bool]:
+    """`column` starts with `prefix`, as a range that an index with text_pattern_ops serves. LIKE
+    'prefix%' would be one only when the planner sees the pattern, not in a generic plan of a
+    prepared statement (asyncpg prepares every statement)."""
+    low, high = prefix_range(prefix)
+    return sa.and_(column.op("~>=~", is_comparison=True)(low), column.op("~<~", is_comparison=True)(high))
+
+
 async def list_files(conn: AsyncConnection, owner_id: uuid.UUID, *, prefix: str | None,
                      after: tuple[datetime, uuid.UUID] | None, limit: int,
                      kind: str | None = None) -> Sequence[Row[Any]]:
@@ -489,8 +523,7 @@ async def list_files(conn: AsyncConnection, owner_id: uuid.UUID, *, prefix: str 
     if kind is not None:
         query = query.where(files.c.media_kind == kind)
     if prefix:
-        escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        query = query.where(files.c.path.like(escaped + "%", escape="\\"))
+        query = query.where(starts_with(files.c.path, prefix))
     if after is not None:
         query = query.where(sa.tuple_(files.c.created_at, files.c.id) < sa.tuple_(*after))
     query = query.order_by(files.c.created_at.desc(), files.c.id.desc()).limit(limit)
@@ -612,6 +645,12 @@ async def retry_failed(conn: AsyncConnection, file_id: uuid.UUID | None = None) 
 
 async def queue_deletion(conn: AsyncConnection, key: str) -> None:
     await conn.execute(insert(cloud_deletions).values(key=key).on_conflict_do_nothing())
+
+
+async def queue_deletions(conn: AsyncConnection, keys: list[str]) -> None:
+    """queue_deletion for many keys in one statement (a folder's files)."""
+    if keys:
+        await conn.execute(insert(cloud_deletions).values([{"key": key} for key in keys]).on_conflict_do_nothing())
 
 
 async def due_deletions(conn: AsyncConnection, limit: int) -> list[str]:

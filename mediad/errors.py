@@ -98,6 +98,10 @@ class InsufficientStorage(MediaError):
     status, slug = 507, "insufficient-storage"
 
 
+class QuotaExceeded(InsufficientStorage):
+    slug = "quota-exceeded"
+
+
 def problem(status: int, detail: str, slug: str | None = None,
             headers: Mapping[str, str] | None = None) -> JSONResponse:
     """An application/problem+json response (RFC 9457)."""

@@ -10,16 +10,19 @@ from typing import Any
 
 import anyio
 from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from . import db, webhooks
+from . import db, quotas, webhooks
 from .auth import authenticate
-from .cloud import cloud_key
+from .cloud import Replicator, cloud_key
 from .errors import NotFound, Unprocessable
 from .media import file_media
+from .storage import Storage
 
 MAX_LIMIT = 1000
+_UNLINK_THREADS = 8
 
 
 def rfc3339(moment: datetime | None) -> str | None:
@@ -116,19 +119,47 @@ async def delete(request: Request) -> Response:
     file_id = parse_file_id(request.path_params["file_id"])
     state = request.app.state
     async with state.engine.begin() as conn:
-        gone = await db.delete_file(conn, owner_id, file_id)
-        if gone is None:
+        blob_id = await drop_file(conn, owner_id, file_id)
+        if blob_id is None:
             raise NotFound("no such file")
-        await db.queue_deletion(conn, cloud_key(gone.blob_id))
-        await webhooks.emit_file(conn, "file.deleted", gone, None)
-    await anyio.to_thread.run_sync(state.storage.remove_content, gone.blob_id)
-    if state.replicator is not None:
-        state.replicator.deletions_queued()
+    await forget_blobs(state.storage, state.replicator, [blob_id])
     return Response(status_code=204)
+
+
+async def drop_file(conn: AsyncConnection, owner_id: uuid.UUID, file_id: uuid.UUID) -> uuid.UUID | None:
+    """Delete a File's row and queue its cloud copy's deletion, in the caller's transaction; → the
+    blob whose local bytes go once that commits (`forget_blobs`), None if there was no such file."""
+    gone = await db.delete_file(conn, owner_id, file_id)
+    if gone is None:
+        return None
+    await db.queue_deletion(conn, cloud_key(gone.blob_id))
+    await webhooks.emit_file(conn, "file.deleted", gone, None)
+    return uuid.UUID(str(gone.blob_id))
+
+
+async def forget_blobs(storage: Storage, replicator: Replicator | None, blob_ids: list[uuid.UUID], *,
+                       notify: bool = True) -> None:
+    """After the commit that deleted their rows: the local bytes go now (even if the request is
+    cancelled meanwhile), the queued cloud deletions as soon as the replicator gets to them (told
+    now, or by the caller once it is done; the replicator also polls)."""
+    def remove(some: list[uuid.UUID]) -> None:
+        for blob_id in some:
+            storage.remove_content(blob_id)
+
+    # Many at once are spread over a few threads: an unlink of an fsynced file waits on the
+    # filesystem's journal, and eight in parallel took a tenth of the time of one after another.
+    shares = [blob_ids[i::_UNLINK_THREADS] for i in range(min(_UNLINK_THREADS, len(blob_ids)))]
+    with anyio.CancelScope(shield=True):
+        async with anyio.create_task_group() as group:
+            for share in shares:
+                group.start_soon(anyio.to_thread.run_sync, remove, share)
+    if notify and replicator is not None:
+        replicator.deletions_queued()
 
 
 async def usage(request: Request) -> JSONResponse:
     owner_id = await authenticate(request)
     async with request.app.state.reader.connect() as conn:
         count, total = await db.usage(conn, owner_id)
-    return JSONResponse({"files": count, "bytes": total})
+        quota = await quotas.quota_of(conn, owner_id)
+    return JSONResponse({"files": count, "bytes": total, "quota": quota})

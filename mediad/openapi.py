@@ -54,7 +54,9 @@ _PROBLEMS: dict[int, tuple[str, dict[str, str]]] = {
     460: ("tus checksum mismatch: the chunk was discarded and the offset is unchanged.", {}),
     503: ("The database (or the node holding the bytes) is unavailable; retry after Retry-After.",
           {"Retry-After": "Seconds to wait before retrying."}),
-    507: ("Disk full, or the upload would leave less than MEDIAD_MIN_FREE_BYTES free.", {}),
+    507: ("Disk full, or the upload would leave less than MEDIAD_MIN_FREE_BYTES free; or it would take the "
+          "user's bytes over their quota (type ending in /quota-exceeded, detail naming quota and usage).",
+          {}),
 }
 
 
@@ -130,7 +132,31 @@ _SCHEMAS: dict[str, Schema] = {
         "next_cursor": {"type": ["string", "null"],
                         "description": "Pass as ?cursor= for the next page; null on the last one."},
     }),
-    "Usage": _object({"files": _COUNT, "bytes": _COUNT}),
+    "Usage": _object({"files": _COUNT, "bytes": _COUNT,
+                      "quota": _described({"type": ["integer", "null"], "minimum": 0},
+                                          "Bytes the caller's files may take; null: unlimited.")}),
+    "Move": _object({
+        "path": _described(_ABSOLUTE, "The new path; ending in / moves the file into that folder, "
+                                      "keeping its name (or taking `name`)."),
+        "name": _described(_TEXT, "The new name (in the file's folder, when no path is given)."),
+        "replace": {"type": "boolean", "default": False,
+                    "description": "Replace (delete) another of the caller's files at the target path."},
+    }, required=[], description="At least one of path and name."),
+    "Folder": _object({
+        "path": {"type": "string", "examples": ["/videos/2026/"]},
+        "files": _described(_COUNT, "Files anywhere below it."),
+        "bytes": _described(_COUNT, "Their bytes."),
+    }),
+    "FolderListing": _object({
+        "path": _TEXT,
+        "folders": {"type": "array", "items": _ref("schemas", "Folder"),
+                    "description": "The folders right below, in code point order (all of them before any file)."},
+        "files": {"type": "array", "items": _ref("schemas", "File"),
+                  "description": "The files right in it, newest first."},
+        "next_cursor": {"type": ["string", "null"],
+                        "description": "Pass as ?cursor= for the next page; null on the last one."},
+    }),
+    "FolderDeletion": _object({"deleted": _COUNT}),
     "Media": _object({
         "kind": {"enum": ["image", "video", "audio", "other"]},
         "status": {"enum": ["ready", "failed"]},
@@ -458,6 +484,12 @@ _FILES: dict[str, Schema] = {
         "parameters": [_FILE_ID],
         "get": _op("A File's metadata", {"200": _ok("The File.", _FILE, links=_FILE_BODY_LINKS),
                                          **_errors(401, 404, 503)}),
+        "patch": _op("Move or rename a file", {
+            "200": _ok("The moved File: same id, content, ETag and links.", _FILE, links=_FILE_BODY_LINKS),
+            **_errors(400, 401, 404, 409, 422, 503)},
+            description="No bytes are copied. The target path taken by another of the caller's files → 409, "
+                        "unless `replace` is true (that file is deleted as DELETE would).",
+            body=_body(_json(_ref("schemas", "Move")))),
         "delete": _op("Delete a file", {
             "204": _ok("Deleted: the row, the local bytes and (asynchronously, with retries) the cloud "
                        "copy."),
@@ -482,6 +514,25 @@ _FILES: dict[str, Schema] = {
     "/download": _download("Download by id or by virtual path", [
         _param("id", "query", "The File's id (give exactly one of id and path).", _UUID),
         _param("path", "query", "The File's virtual path.", _ABSOLUTE)], _errors(401, 404, 412, 416, 422, 503)),
+    "/folders": {
+        "get": _op(
+            "A folder's folders and files",
+            {"200": _ok("One page.", _ref("schemas", "FolderListing")), **_errors(401, 404, 422, 503)},
+            description="A folder exists while a file lies below it; `/` is the root and always exists. "
+                        "Pages hold `limit` entries, folders first, then files.",
+            params=[_param("path", "query", "The folder (a trailing / is implied).", _ABSOLUTE, required=True),
+                    _param("limit", "query", "Page size (folders and files together).",
+                           {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}),
+                    _param("cursor", "query", "The `next_cursor` of the previous page.")]),
+        "delete": _op(
+            "Delete a folder",
+            {"200": _ok("Everything below it is deleted (rows, local bytes; cloud copies asynchronously).",
+                        _ref("schemas", "FolderDeletion")), **_errors(401, 404, 409, 422, 503)},
+            description="Without recursive=true → 409 when the folder is not empty.",
+            params=[_param("path", "query", "The folder.", _ABSOLUTE, required=True),
+                    _param("recursive", "query", "true: delete every file below the folder.",
+                           {"enum": ["true", "false"]})]),
+    },
     "/usage": {"get": _op("The caller's file count and bytes", {
         "200": _ok("Usage.", _ref("schemas", "Usage")), **_errors(401, 503)})},
 }

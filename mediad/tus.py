@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from . import db
+from . import db, quotas
 from .auth import authenticate
 from .cloud import Replicator
 from .errors import (
@@ -169,6 +169,7 @@ async def create(request: Request) -> Response:
     path = clean_path(metadata["path"]) if metadata.get("path") else None
     name, path = place(path, metadata["filename"])
     state.storage.check_reserve(length)
+    (await quotas.room(state.reader, owner_id, path)).check(length)
 
     upload_id = uuid.uuid4()
     expires_at = datetime.now(UTC) + timedelta(seconds=state.settings.upload_expire_s)
@@ -305,6 +306,8 @@ async def _patch(request: Request, upload_id: uuid.UUID, owner_id: uuid.UUID, *,
             raise Conflict("this upload is complete")
         if offset != row.offset:
             raise Conflict(f"Upload-Offset is {offset} but the upload is at {row.offset}")
+        # Other uploads may have used the room since creation: refuse before taking more bytes.
+        (await quotas.room(state.reader, owner_id, row.path)).check(row.length)
         hashes: Hashes = state.tus_hashers
         writer, cut = await _append(request, storage, hashes, row, checksum)
         new_offset = row.offset + writer.size

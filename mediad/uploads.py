@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
-from . import db, webhooks
+from . import db, quotas, webhooks
 from .auth import authenticate
 from .cloud import Replicator, cloud_key
 from .errors import BadRequest, InsufficientStorage, PayloadTooLarge, Unprocessable
@@ -99,6 +99,7 @@ async def file_from_upload(conn: AsyncConnection, values: dict[str, Any], also: 
     the row (inserted, or replacing the file at its path), `also` (a record's row), and the cloud
     deletion of displaced content. Work that must commit with every new File belongs here.
     → (the row, the blob id of the content it displaced, if any)."""
+    await quotas.reserve(conn, values["owner_id"], values["size"], values["path"])
     row, displaced = await db.put_file(conn, values)
     await webhooks.emit_file(conn, "file.replaced" if displaced else "file.created", row, row.node)
     if also is not None:
@@ -255,7 +256,11 @@ async def _store(request: Request, owner_id: uuid.UUID, *, multipart: bool, name
     state = request.app.state
     storage: Storage = state.storage
     max_bytes: int = state.settings.max_upload_bytes
-    writer = BlobWriter.create(storage, max_bytes=max_bytes)
+    # The path a replace would free: a folder path's file name is in a raw upload's query already.
+    replacing = place(path, name)[1] if path is not None and not multipart else path
+    room = await quotas.room(state.reader, owner_id, replacing)
+    _check_quota_declared(request, room, max_bytes, multipart)
+    writer = BlobWriter.create(storage, max_bytes=room.cap(max_bytes))  # stops at the quota mid-stream too
     try:
         if multipart:
             filename, values = await receive_multipart(request, writer, storage, max_bytes)
@@ -270,9 +275,22 @@ async def _store(request: Request, owner_id: uuid.UUID, *, multipart: bool, name
         blob = await writer.finish()
         return await commit_upload(state.engine, storage, state.replicator, owner_id, blob, name=name, path=path,
                                    prober=state.prober)
+    except PayloadTooLarge as exc:
+        await writer.abort()
+        raise room.mapped(exc, max_bytes, writer.size) from None
     except BaseException:
         await writer.abort()
         raise
+
+
+def _check_quota_declared(request: Request, room: quotas.Room, max_bytes: int, multipart: bool) -> None:
+    """507 before the body when its declared length cannot fit the quota (a length over the upload
+    limit is left to the 413). A multipart body is counted without its envelope allowance; a path
+    sent in its form field is not known yet, so only a ?path= replace is credited this early."""
+    declared = _declared_length(request)
+    envelope = MULTIPART_ENVELOPE if multipart else 0
+    if declared is not None and declared <= max_bytes + envelope:
+        room.check(declared - envelope)
 
 
 def _created(row: Row[Any], replaced: bool, node: uuid.UUID | None) -> JSONResponse:

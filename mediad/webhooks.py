@@ -188,6 +188,15 @@ async def emit(conn: AsyncConnection, user_id: uuid.UUID, event_type: str, data:
     await conn.execute(_EMIT, {"user_id": user_id, "event_id": uuid.uuid4(), "event": event_type, "body": body})
 
 
+async def listening(conn: AsyncConnection, user_id: uuid.UUID, event_type: str) -> bool:
+    """Whether any of the user's endpoints wants `event_type`: lets a bulk change skip building
+    events nobody receives."""
+    wanted = sa.select(webhook_endpoints.c.id).where(
+        webhook_endpoints.c.user_id == user_id,
+        sa.or_(webhook_endpoints.c.events.is_(None), webhook_endpoints.c.events.any(event_type))).limit(1)
+    return (await conn.execute(wanted)).first() is not None
+
+
 async def emit_file(conn: AsyncConnection, event_type: str, row: Row[Any], node: uuid.UUID | None) -> None:
     """`event_type` with `{"file": File}` for the File row as it is now, seen from `node`."""
     from .files import file_json  # here: files → cloud → webhooks would otherwise be a cycle

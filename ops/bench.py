@@ -1738,6 +1738,115 @@ def report_media(report: Report, photo_cold: list[float], poster_cold: list[floa
     report.target("server RSS growth, 16 concurrent thumbnails", f"{concurrent['growth_mib']:.2f} MiB", "< 64 MiB",
                   concurrent["growth_mib"] < 64)
     report.target("probe of a 1-hour MP4", f"{probe_s * 1000:.1f} ms", "< 50 ms", probe_s < 0.05)
+# ---- the file tree (folders, prefixes, recursive deletion) ---------------------------------------
+
+TREE_FILES, TREE_DELETE_FILES, TREE_REQUESTS = 100_000, 10_000, 300
+
+
+async def _generate_files(run: Run, user_id: str, count: int) -> None:
+    """`count` rows for one user, inserted by PostgreSQL itself: /d<0-99>/s<0-9>/f<i>.bin. They have
+    no blob: marked evicted with a stored cloud copy, so neither replication nor cleanup touches
+    them, and the listing reads only rows."""
+    import asyncpg
+
+    from mediad.embedded import database
+
+    def url() -> str:  # the server's own database: the embedded one is joined, not started
+        with database(run.database_url, run.bench_dir / "data") as found:
+            return found
+
+    conn = await asyncpg.connect(await asyncio.to_thread(url))
+    try:
+        await conn.execute(
+            "INSERT INTO files (id, owner_id, name, extension, format, size, sha256, path, blob_id, node, "
+            "cloud_state) SELECT gen_random_uuid(), $1, 'f' || i || '.bin', 'bin', 'application/octet-stream', "
+            "(i * 7919) % 1000000, repeat('0', 64), '/d' || (i % 100) || '/s' || (i / 100 % 10) || '/f' || i "
+            "|| '.bin', gen_random_uuid(), NULL, 'stored' FROM generate_series(1, $2) AS i", user_id, count)
+        await conn.execute("VACUUM ANALYZE files")  # as autovacuum would soon after such a load
+    finally:
+        await conn.close()
+
+
+async def _latencies(client: httpx.AsyncClient, url: str, params: dict[str, str], headers: dict[str, str],
+                     count: int) -> Result:
+    seconds = []
+    for _ in range(count):
+        started = time.perf_counter()
+        answer = await client.get(url, params=params, headers=headers)
+        seconds.append(time.perf_counter() - started)
+        if answer.status_code != 200:
+            raise RuntimeError(f"GET {url} {params} answered {answer.status_code}: {answer.text[:300]}")
+    return {"p50_ms": percentile(seconds, 50) * 1000, "p99_ms": percentile(seconds, 99) * 1000,
+            "body": answer.json()}
+
+
+async def _tiny_uploads(client: httpx.AsyncClient, headers: dict[str, str], prefix: str, count: int) -> float:
+    gate = asyncio.Semaphore(16)
+
+    async def put(i: int) -> None:
+        async with gate:
+            answer = await client.put("/files", params={"path": f"{prefix}{i % 10}/{i}.bin"}, headers=headers,
+                                      content=b"%d" % i)
+            if answer.status_code != 201:
+                raise RuntimeError(f"upload answered {answer.status_code}: {answer.text[:300]}")
+
+    started = time.perf_counter()
+    await asyncio.gather(*(put(i) for i in range(count)))
+    return time.perf_counter() - started
+
+
+async def _replication_drained(client: httpx.AsyncClient, limit_s: float = 900.0) -> float:
+    """Seconds until no file waits for its cloud copy (mediad_cloud_queue_depth in /metrics)."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < limit_s:
+        metrics = (await client.get("/metrics")).text
+        depth = next((line.split()[-1] for line in metrics.splitlines()
+                      if line.startswith("mediad_cloud_queue_depth ")), None)
+        if depth is not None and float(depth) == 0:
+            return time.perf_counter() - started
+        await asyncio.sleep(0.5)
+    raise RuntimeError(f"replication did not drain within {limit_s:.0f} s")
+
+
+async def section_tree(run: Run) -> None:
+    report = run.report
+    async with httpx.AsyncClient(base_url=run.server.base_url, timeout=TIMEOUT) as client:
+        created = (await client.post("/users", json={"name": f"bench-tree-{secrets.token_hex(4)}"})).json()
+        headers = {"Authorization": f"Bearer {created['token']}"}
+        await _generate_files(run, created["id"], TREE_FILES)
+        cases = {
+            f"GET /folders?path=/ (100 folders over {TREE_FILES:,} files)": ("/folders", {"path": "/"}),
+            "GET /folders?path=/d7/ (10 folders)": ("/folders", {"path": "/d7/"}),
+            "GET /folders?path=/d7/s3/ (100 files)": ("/folders", {"path": "/d7/s3/"}),
+            "GET /files?prefix=/d7/s3/ (100 files)": ("/files", {"prefix": "/d7/s3/"}),
+            "GET /files?prefix=/d7/ (first 100 of 1,000)": ("/files", {"prefix": "/d7/"}),
+        }
+        worst = {"/folders": 0.0, "/files": 0.0}
+        for label, (url, params) in cases.items():
+            measured = await _latencies(client, url, params, headers, TREE_REQUESTS)
+            report.note(label, f"p50 {measured['p50_ms']:.1f} ms, p99 {measured['p99_ms']:.1f} ms")
+            worst[url] = max(worst[url], measured["p99_ms"])
+        root = (await client.get("/folders", params={"path": "/"}, headers=headers)).json()
+        if sum(folder["files"] for folder in root["folders"]) != TREE_FILES:
+            raise RuntimeError("the root listing does not count every file")
+        upload_s = await _tiny_uploads(client, headers, "/bulk/", TREE_DELETE_FILES)
+        report.figure(f"{TREE_DELETE_FILES:,} tiny uploads, 16 at a time", TREE_DELETE_FILES / upload_s, "files/s")
+        # The deletion is timed on its own, not racing the pushes of the files it deletes.
+        report.figure("their replication drained after", await _replication_drained(client), "s", 1)
+        started = time.perf_counter()
+        answer = await client.delete("/folders", params={"path": "/bulk/", "recursive": "true"}, headers=headers)
+        delete_s = time.perf_counter() - started
+        if answer.status_code != 200 or answer.json() != {"deleted": TREE_DELETE_FILES}:
+            raise RuntimeError(f"recursive delete answered {answer.status_code}: {answer.text[:300]}")
+        started = time.perf_counter()
+        await client.delete("/folders", params={"path": "/", "recursive": "true"}, headers=headers)
+        report.figure(f"recursive delete of the {TREE_FILES:,} generated rows (no blobs on disk)",
+                      time.perf_counter() - started, "s", 2)
+    report.target("folder listing p99 (worst of the three)", f"{worst['/folders']:.1f} ms", "< 50 ms",
+                  worst["/folders"] < 50)
+    report.target("prefix listing p99 (worst of the two)", f"{worst['/files']:.1f} ms", "< 50 ms",
+                  worst["/files"] < 50)
+    report.target(f"recursive delete of {TREE_DELETE_FILES:,} files", f"{delete_s:.2f} s", "< 10 s", delete_s < 10)
 
 
 SECTIONS: dict[str, Callable[[Run], Awaitable[None]]] = {
@@ -1750,6 +1859,7 @@ SECTIONS: dict[str, Callable[[Run], Awaitable[None]]] = {
     "webhooks": section_webhooks,
     "workers": section_workers,
     "media": section_media,
+    "tree": section_tree,
 }
 
 

@@ -128,7 +128,7 @@ async def test_bearer_variant_and_the_mp3_is_an_ordinary_file(client: httpx.Asyn
     listed = (await client.get("/files", headers=user.auth)).json()["files"]
     assert [f["id"] for f in listed] == [record["id"]]
     usage = (await client.get("/usage", headers=user.auth)).json()
-    assert usage == {"files": 1, "bytes": record["file"]["size"]}
+    assert usage == {"files": 1, "bytes": record["file"]["size"], "quota": None}
     by_id = await client.get(f"/files/{record['id']}/content", headers=user.auth)
     assert by_id.content[:3] in (b"ID3", b"\xff\xfb", b"\xff\xf3")
     assert len(server.blob_files()) == 1 and server.stray_temp_files() == []  # the WAV is not kept

@@ -65,7 +65,7 @@ async def test_login_issues_a_working_token(client: httpx.AsyncClient) -> None:
     body = response.json()
     assert body["token_type"] == "bearer"
     usage = await client.get("/usage", headers={"Authorization": f"Bearer {body['token']}"})
-    assert usage.json() == {"files": 0, "bytes": 0}
+    assert usage.json() == {"files": 0, "bytes": 0, "quota": None}
 
 
 async def test_wrong_password_and_unknown_user_answer_alike(client: httpx.AsyncClient) -> None:

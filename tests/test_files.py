@@ -122,7 +122,7 @@ async def test_delete_removes_row_and_bytes(client: httpx.AsyncClient, server: S
     assert not gone_blob.exists()
     assert server.blob_files() == [await blob_path(server, keep["id"])]
     assert [f["id"] for f in (await client.get("/files", headers=user.auth)).json()["files"]] == [keep["id"]]
-    assert (await client.get("/usage", headers=user.auth)).json() == {"files": 1, "bytes": 4}
+    assert (await client.get("/usage", headers=user.auth)).json() == {"files": 1, "bytes": 4, "quota": None}
     # The path is free again: the next upload there is a new file.
     again = await client.post("/files", headers=user.auth, params={"path": "/d/gone.txt"}, content=b"new")
     assert again.status_code == 201 and again.json()["id"] != gone["id"]
@@ -132,7 +132,7 @@ async def test_delete_removes_row_and_bytes(client: httpx.AsyncClient, server: S
 
 async def test_usage_counts_the_callers_files_and_bytes_only(client: httpx.AsyncClient, user: User,
                                                              other_user: User) -> None:
-    assert (await client.get("/usage", headers=user.auth)).json() == {"files": 0, "bytes": 0}
+    assert (await client.get("/usage", headers=user.auth)).json() == {"files": 0, "bytes": 0, "quota": None}
     for size in (0, 10, 1000, 65536):
         await upload(client, user, b"u" * size)
     await upload(client, other_user, b"o" * 777)
@@ -140,8 +140,8 @@ async def test_usage_counts_the_callers_files_and_bytes_only(client: httpx.Async
     await upload(client, user, b"r" * 50, path="/r.txt", replaces=True)  # a replace counts once, at its new size
     response = await client.get("/usage", headers=user.auth)
     assert response.status_code == 200
-    assert response.json() == {"files": 5, "bytes": 10 + 1000 + 65536 + 50}
-    assert (await client.get("/usage", headers=other_user.auth)).json() == {"files": 1, "bytes": 777}
+    assert response.json() == {"files": 5, "bytes": 10 + 1000 + 65536 + 50, "quota": None}
+    assert (await client.get("/usage", headers=other_user.auth)).json() == {"files": 1, "bytes": 777, "quota": None}
 
 
 # ---- listing ------------------------------------------------------------------------------------

@@ -132,6 +132,7 @@ class Call:
 # Bodies and headers of the calls that need more than a bare request to succeed for the owner.
 CALLS = {
     ("POST", "/files/{file_id}/links"): {"json": {"expires_in": 60}},
+    ("PATCH", "/files/{file_id}"): {"json": {"name": "renamed.txt"}},
     ("PATCH", "/uploads/{upload_id}"): {"headers": {"Content-Type": OFFSET_STREAM, "Upload-Offset": "3"},
                                         "content": b"def"},
 }
@@ -218,7 +219,7 @@ async def test_another_users_path_and_query_ids_are_404(client: httpx.AsyncClien
         assert head.status_code == 404 and head.content == b""
     # Lists and totals are per user too.
     assert (await client.get("/files", params={"prefix": "/shared/"}, headers=intruder.auth)).json()["files"] == []
-    assert (await client.get("/usage", headers=intruder.auth)).json() == {"files": 0, "bytes": 0}
+    assert (await client.get("/usage", headers=intruder.auth)).json() == {"files": 0, "bytes": 0, "quota": None}
     # The same path is a different file for each user: B's upload there does not replace A's.
     theirs = await upload(client, intruder, b"B's bytes", path="/shared/name.txt")
     assert theirs["id"] != file["id"]

@@ -2,6 +2,7 @@
 
 import { api, signedLink } from "./api.js";
 import { galleryShown, renderGallery } from "./gallery.js";
+import { moveButton, refreshTree } from "./tree.js";
 import { $, clearError, h, humanSize, showError, shownName } from "./ui.js";
 
 const PAGE_SIZE = 200;
@@ -11,7 +12,9 @@ const PAGE_SIZE = 200;
 export async function refreshUsage() {
   try {
     const usage = await api("/usage");
-    $("usage").textContent = `${usage.files} ${usage.files === 1 ? "file" : "files"} · ${humanSize(usage.bytes)}`;
+    const quota = usage.quota == null ? ""
+      : ` of ${humanSize(usage.quota)} (${Math.min(100, Math.round((100 * usage.bytes) / Math.max(usage.quota, 1)))}%)`;
+    $("usage").textContent = `${usage.files} ${usage.files === 1 ? "file" : "files"} · ${humanSize(usage.bytes)}${quota}`;
   } catch (err) {
     $("usage").textContent = "";
     if (err.status !== 401) showError(err, "Could not read your usage");
@@ -40,6 +43,7 @@ function listQuery(cursor) {
 
 export async function refreshFiles() {
   refreshUsage();
+  refreshTree();
   $("files-status").textContent = "Loading…";
   try {
     const page = await api(listQuery(null));
@@ -97,6 +101,7 @@ function fileRow(file) {
       "aria-label": `Download ${shownName(file.name)}` }),
     h("button", { type: "button", class: "secondary", onclick: () => share(file), text: "Copy link",
       "aria-label": `Copy a link to ${shownName(file.name)}` }),
+    moveButton(file),
     h("button", { type: "button", class: "danger", onclick: () => remove(file), text: "Delete",
       "aria-label": `Delete ${shownName(file.name)}` }),
   );

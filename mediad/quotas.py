@@ -1,0 +1,85 @@
+"""Quotas: how many bytes a user's files may take in all (`users.quota`, NULL = unlimited).
+
+Checked early wherever an upload's size is known (a declared length, tus Upload-Length) or
+becomes known (the stream passes the room left), and once more, exactly, in the transaction that
+commits the File: that check locks the user's row, so two uploads that each fit alone but not
+together are serialised there and the second is refused. A replace counts the difference: the
+file it replaces is left out of the usage.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from .db import files, users
+from .errors import PayloadTooLarge, QuotaExceeded
+
+
+@dataclass(frozen=True)
+class Room:
+    """A user's quota and the bytes their files use, leaving out the one at the path an upload
+    would replace."""
+
+    quota: int | None
+    used: int
+
+    def check(self, incoming: int) -> None:
+        """QuotaExceeded (507) when a file of `incoming` bytes would take usage over the quota."""
+        if self.quota is not None and self.used + incoming > self.quota:
+            raise QuotaExceeded(
+                f"the upload of {incoming} bytes would take usage to {self.used + incoming} bytes, over "
+                f"the quota of {self.quota} bytes ({self.used} bytes are in use)")
+
+    def cap(self, max_bytes: int) -> int:
+        """The most bytes a streamed upload may have: the upload limit or the room left."""
+        return max_bytes if self.quota is None else max(0, min(max_bytes, self.quota - self.used))
+
+    def mapped(self, exc: PayloadTooLarge, max_bytes: int, received: int) -> PayloadTooLarge | QuotaExceeded:
+        """A writer that stopped at `cap()`: a 507 when the quota was the smaller limit, else the 413."""
+        if self.cap(max_bytes) < max_bytes:
+            try:
+                self.check(received)
+            except QuotaExceeded as quota_exc:
+                return quota_exc
+        return exc
+
+
+async def quota_of(conn: AsyncConnection, user_id: uuid.UUID, *, lock: bool = False) -> int | None:
+    query = sa.select(users.c.quota).where(users.c.id == user_id)
+    if lock:  # NO KEY: a files insert's foreign-key check (KEY SHARE) does not wait on it
+        query = query.with_for_update(key_share=True)
+    return (await conn.execute(query)).scalar_one_or_none()
+
+
+async def _room(conn: AsyncConnection, user_id: uuid.UUID, replacing: str | None, *, lock: bool) -> Room:
+    quota = await quota_of(conn, user_id, lock=lock)
+    if quota is None:
+        return Room(None, 0)  # unlimited: no need to add up the user's files
+    query = sa.select(sa.func.coalesce(sa.func.sum(files.c.size), 0)).where(files.c.owner_id == user_id)
+    if replacing is not None:
+        query = query.where(files.c.path.is_distinct_from(replacing))
+    return Room(quota, int((await conn.execute(query)).scalar_one()))
+
+
+async def room(reader: AsyncEngine, user_id: uuid.UUID, replacing: str | None) -> Room:
+    """For the early checks, before or while the body arrives (no lock held)."""
+    async with reader.connect() as conn:
+        return await _room(conn, user_id, replacing, lock=False)
+
+
+async def reserve(conn: AsyncConnection, user_id: uuid.UUID, size: int, path: str | None) -> None:
+    """The exact check, in the transaction that commits a File of `size` bytes at `path`: the
+    user's row stays locked until that transaction ends, so concurrent commits take turns. An
+    unlimited user's commits skip the lock (and the sum)."""
+    if await quota_of(conn, user_id) is not None:
+        (await _room(conn, user_id, path, lock=True)).check(size)
+
+
+async def set_quota(conn: AsyncConnection, name_key: str, quota: int | None) -> bool:
+    """Set a user's quota by name key; False when there is no such user."""
+    result = await conn.execute(sa.update(users).where(users.c.name_key == name_key).values(quota=quota))
+    return result.rowcount == 1
