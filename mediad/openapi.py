@@ -219,7 +219,7 @@ _SCHEMAS: dict[str, Schema] = {
     "Me": _object({
         "id": _UUID, "name": _TEXT, "created_at": _TIME,
         "quota": _described({"type": ["integer", "null"], "minimum": 0}, "Bytes; null: unlimited."),
-        "usage": _ref("schemas", "Usage"),
+        "usage": _object({"files": _COUNT, "bytes": _COUNT}),
     }),
     "AccountDeletion": _object({"password": _described(_TEXT, "Required when the account has a password.")},
                                required=[]),

@@ -18,6 +18,7 @@ uvicorn would answer in plain text.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 from collections.abc import Callable
@@ -28,6 +29,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .config import Settings
 from .errors import problem_body
+
+_LINGER_S = 2.0  # how long a refused connection is drained before it closes
 
 
 class _Refused(Exception):
@@ -56,6 +59,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._watchdog: asyncio.TimerHandle | None = None
         self._write_stall: asyncio.TimerHandle | None = None  # armed while the client reads nothing
         self._refusal: tuple[int, str, str] | None = None
+        self._lingering = False  # refused and answered: draining until the close
 
     # Connection events
 
@@ -71,6 +75,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return  # answered and closing: what the client still sends is read and dropped
         self._last_read = self.loop.time()
         super().data_received(data)
         if self._in_head and not self.transport.is_closing():
@@ -190,7 +196,20 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._end_cycle()
         if answer and not self.transport.is_closing():
             self.transport.write(raw_problem(status, detail, slug))
+            self._linger()
+            return
         self.transport.close()
+
+    def _linger(self) -> None:
+        """Close after the answer without a reset. Closing a socket whose receive buffer still holds
+        the client's unread bytes makes the kernel send RST, which can destroy the answer before
+        the client has read it. So: FIN after the answer, discard what still arrives, then close."""
+        self._lingering = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        with contextlib.suppress(RuntimeError):
+            self.transport.resume_reading()  # keep draining, or a full buffer resets at close
+        self.loop.call_later(_LINGER_S, self.transport.close)
 
     def _end_cycle(self) -> None:
         """The request in progress, if any, is over for the app: receive() reports a disconnect and

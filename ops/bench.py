@@ -43,11 +43,13 @@ from typing import Any
 import httpx
 
 from ops.harness import (
+    NGINX,
     RssSampler,
     cpu_seconds,
     descendants,
     free_port,
     largest_rss_kib,
+    nginx_front,
     percentile,
     proc_status,
     run_async,
@@ -257,10 +259,11 @@ class Server:
 @contextlib.contextmanager
 def mediad_server(bench_dir: Path, database_url: str | None, extra_env: dict[str, str],
                   cloud: Cloud, kind: str = "uvicorn",
-                  shared_with: Server | None = None, workers: int | None = None) -> Iterator[Server]:
+                  shared_with: Server | None = None, workers: int | None = None,
+                  env_overrides: dict[str, str] | None = None) -> Iterator[Server]:
     """`mediad serve --server <kind>` on the bench's data dir. With `shared_with`, a second process
     on the same data dir and database (so the same node id, files and user) that leaves the
-    embedded PostgreSQL, if any, to the first one."""
+    embedded PostgreSQL, if any, to the first one; `env_overrides` are its own extra settings."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEDIAD_")}
     env.update(MEDIAD_DATA_DIR=str(bench_dir / "data"), MEDIAD_PORT=str(port),
@@ -268,7 +271,7 @@ def mediad_server(bench_dir: Path, database_url: str | None, extra_env: dict[str
                MEDIAD_CLOUD_URL=cloud.url, MEDIAD_CLOUD_TOKEN=cloud.token)
     if database_url:
         env["MEDIAD_DATABASE_URL"] = database_url
-    env.update(extra_env)
+    env.update({**extra_env, **(env_overrides or {})})
     mediad = str(Path(sys.executable).parent / "mediad")
     base_url = f"http://127.0.0.1:{port}"
     log = bench_dir / ("mediad.log" if shared_with is None else f"mediad-{kind}-{port}.log")
@@ -1849,6 +1852,62 @@ async def section_tree(run: Run) -> None:
     report.target(f"recursive delete of {TREE_DELETE_FILES:,} files", f"{delete_s:.2f} s", "< 10 s", delete_s < 10)
 
 
+# ---- behind nginx -------------------------------------------------------------------------------
+# mediad deciding and nginx sending (MEDIAD_ACCEL_REDIRECT, ops/nginx.conf as shipped) against the
+# same nginx sending the same file directly, in the same run.
+
+@contextlib.contextmanager
+def nginx_in_front(bench_dir: Path, upstream: Server, direct_file: Path) -> Iterator[Server]:
+    """nginx configured by ops/nginx.conf in front of `upstream`, plus a location serving
+    `direct_file` at /direct with no auth (the reference)."""
+    extra = f"        location = /direct {{ alias {direct_file}; default_type application/octet-stream; }}\n"
+    files = bench_dir / "data" / "files"
+    with nginx_front(upstream.port, files, bench_dir / "nginx-front", extra=extra) as (url, proc):
+        yield Server(url, proc.pid, upstream.headers)
+
+
+async def section_nginx(run: Run) -> None:
+    """Full downloads and 64 KiB ranges through nginx with X-Accel-Redirect, next to nginx serving
+    the same file itself. Skipped (with a note) when nginx is not installed."""
+    if not os.access(NGINX, os.X_OK):
+        run.report.note("behind nginx", "nginx is not installed (apt-get install nginx-light): skipped")
+        return
+    payload = await asyncio.to_thread(payload_file, run)
+    want = await asyncio.to_thread(expected_sha256, run.buf, run.size)
+    async with httpx.AsyncClient(base_url=run.server.base_url, timeout=TIMEOUT) as client:
+        stored = await upload(run.server, client, "PUT", "/files?path=/bench/nginx.bin", run.buf, run.size)
+    target = f"/files/{stored['id']}/content"
+    accel = {"MEDIAD_ACCEL_REDIRECT": "/_mediad/"}
+    with run.start_server("uvicorn", env_overrides=accel) as mediad, \
+            nginx_in_front(run.bench_dir, mediad, payload) as front:
+        direct = Server(front.base_url, front.pid)
+        offload_full = await asyncio.to_thread(full_downloads, front, target, run.size, want)
+        direct_full = await asyncio.to_thread(full_downloads, direct, "/direct", run.size, want)
+
+        def others() -> list[int]:  # mediad decides each request: its CPU counts too
+            return [mediad.pid, *descendants(mediad.pid), *postgres_pids(run)]
+
+        offload_ranges = await asyncio.to_thread(range_cost, front, target, others, run.size)
+        direct_ranges = await asyncio.to_thread(range_cost, direct, "/direct", list, run.size)
+    report_nginx(run.report, size_label(run.size), offload_full, direct_full, offload_ranges, direct_ranges)
+
+
+def report_nginx(report: Report, gib: str, offload_full: Result, direct_full: Result, offload_ranges: Result,
+                 direct_ranges: Result) -> None:
+    for label, full, ranges in (
+            ("nginx direct (sendfile, no auth)", direct_full, direct_ranges),
+            ("mediad behind nginx (X-Accel-Redirect, authenticated)", offload_full, offload_ranges)):
+        report.figure(f"{label}: {gib} download", full["mib_s"], "MiB/s")
+        report.note(f"{label}: {SMALL_RANGE // 1024} KiB ranges",
+                    f"{ranges['per_s']:,.0f} req/s; CPU per request {ranges['total_us']:,.0f} µs")
+    full_ratio = offload_full["mib_s"] / direct_full["mib_s"]
+    range_ratio = offload_ranges["per_s"] / direct_ranges["per_s"]
+    report.target(f"{gib} download behind nginx ≥ 90% of nginx direct", f"{100 * full_ratio:.0f}%", "≥ 90%",
+                  full_ratio >= 0.9)
+    report.target(f"{SMALL_RANGE // 1024} KiB range req/s behind nginx ≥ 25% of nginx direct",
+                  f"{100 * range_ratio:.0f}%", "≥ 25%", range_ratio >= 0.25)
+
+
 SECTIONS: dict[str, Callable[[Run], Awaitable[None]]] = {
     "uploads": section_uploads,
     "downloads": section_downloads,
@@ -1860,6 +1919,7 @@ SECTIONS: dict[str, Callable[[Run], Awaitable[None]]] = {
     "workers": section_workers,
     "media": section_media,
     "tree": section_tree,
+    "nginx": section_nginx,
 }
 
 

@@ -182,3 +182,48 @@ class RssSampler(Sampler):
 def percentile(values: list[float], pct: float) -> float:
     ranked = sorted(values)
     return ranked[min(len(ranked) - 1, max(0, round(pct / 100 * len(ranked)) - 1))]
+
+
+# ---- nginx in front of mediad, as ops/nginx.conf configures it -----------------------------------
+
+NGINX_CONFIG = Path(__file__).resolve().parent / "nginx.conf"
+
+
+def nginx_config(*, upstream_port: int, listen_port: int, files_dir: Path, prefix: Path,
+                 extra: str = "") -> str:
+    """ops/nginx.conf with its CHANGE values filled in, this process's pid, log and temp paths,
+    and `extra` locations in its server block: what the tests and the bench run is what ships."""
+    text = NGINX_CONFIG.read_text()
+    for old, new in {"server 127.0.0.1:8000;": f"server 127.0.0.1:{upstream_port};",
+                     "listen 80;": f"listen 127.0.0.1:{listen_port};\n{extra}",
+                     "alias /var/lib/mediad/files/;": f"alias {files_dir}/;"}.items():
+        if old not in text:
+            raise ValueError(f"ops/nginx.conf no longer has {old!r}")
+        text = text.replace(old, new)
+    own = [f"pid {prefix}/nginx.pid;", f"error_log {prefix}/error.log warn;", "daemon off;"]
+    if os.geteuid() == 0:
+        own.append("user root;")  # the blobs belong to the running user, as they would to mediad's
+    paths = " ".join(f"{kind}_temp_path {prefix}/{name};" for kind, name in
+                     [("client_body", "body"), ("proxy", "proxy"), ("fastcgi", "fastcgi"),
+                      ("uwsgi", "uwsgi"), ("scgi", "scgi")])
+    return "\n".join(own) + "\n" + text.replace("http {", f"http {{\n    {paths}", 1)
+
+
+NGINX = "/usr/sbin/nginx"  # Debian's nginx-light
+
+
+@contextlib.contextmanager
+def nginx_front(upstream_port: int, files_dir: Path, prefix: Path, *, port: int | None = None,
+                extra: str = "") -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """nginx, configured by nginx_config, in front of mediad on `upstream_port`, until the block
+    ends; → (its base URL, its master process)."""
+    prefix.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    conf = prefix / "nginx.conf"
+    health = "        location = /nginx-health { access_log off; return 200; }\n"
+    conf.write_text(nginx_config(upstream_port=upstream_port, listen_port=port, files_dir=files_dir,
+                                 prefix=prefix, extra=health + extra))
+    url = f"http://127.0.0.1:{port}"
+    with running([NGINX, "-p", str(prefix), "-c", str(conf)], dict(os.environ), url + "/nginx-health",
+                 prefix / "out.log", prefix, stop_timeout=10) as proc:
+        yield url, proc

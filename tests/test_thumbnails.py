@@ -134,7 +134,7 @@ async def test_derived_files_go_with_their_file(client: httpx.AsyncClient, user:
     for size in (16, 32):
         assert (await thumb(client, user, file["id"], size)).status_code == 200
     assert len(_derived(server)) == len(already) + 2
-    assert (await client.get("/usage", headers=user.auth)).json() == {"files": 1, "bytes": file["size"]}
+    assert (await client.get("/usage", headers=user.auth)).json() == {"files": 1, "bytes": file["size"], "quota": None}
     assert (await client.delete(f"/files/{file['id']}", headers=user.auth)).status_code == 204
     assert _derived(server) == already
 

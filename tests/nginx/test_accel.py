@@ -35,6 +35,8 @@ from conftest import (
     wait_for,
 )
 
+from ops.harness import proc_status
+
 from .conftest import Nginx, require_nginx, running_nginx
 
 MiB = 1024 * 1024
@@ -234,11 +236,8 @@ async def test_uploads_stream_through_nginx(stack: Stack, clients: Any) -> None:
             yield chunk
 
     async def sample() -> None:
-        from .conftest import _rss
-
         while not done.is_set():
-            assert stack.accel.process is not None
-            samples.append((stack.nginx.rss(), _rss(stack.accel.process.pid), len(stack.nginx.body_temp_files())))
+            samples.append((stack.nginx.rss(), _rss_of(stack.accel), len(stack.nginx.body_temp_files())))
             await asyncio.sleep(0.05)
 
     before = (stack.nginx.rss(), _rss_of(stack.accel))
@@ -258,7 +257,5 @@ async def test_uploads_stream_through_nginx(stack: Stack, clients: Any) -> None:
 
 
 def _rss_of(server: Server) -> int:
-    from .conftest import _rss
-
     assert server.process is not None
-    return _rss(server.process.pid)
+    return 1024 * proc_status(server.process.pid)["VmRSS"]
