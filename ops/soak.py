@@ -1,4 +1,4 @@
-"""Soak mediad with a mixed load and check that it stays correct, small and leak-free (issue 13).
+"""Soak mediad with a mixed load and check that it stays correct, small and leak-free.
 
     python -m ops.soak [--clients 64] [--duration 120] [--seed 13] [--shared-pool] [--mix range=100]
                        [--url http://127.0.0.1:8000 [--pid PID] [--pgdata DIR]]

@@ -1,4 +1,4 @@
-"""Hostile input (issue 13): file names built to escape the data dir, break headers or fool a reader,
+"""Hostile input: file names built to escape the data dir, break headers or fool a reader,
 through every way a name arrives; and request bodies built to confuse or exhaust the multipart
 parser and the HTTP framing. Nothing may land outside our own blob paths, nothing may be left behind
 by a refused upload, and a stored name goes back out only inside a safe Content-Disposition."""

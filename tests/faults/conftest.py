@@ -1,7 +1,7 @@
 """The fault harness: real `mediad serve` and `mediad mock-cloud` subprocesses on loopback, a
 PostgreSQL of our own to stop, a small tmpfs to fill, and the invariants every fault test ends with.
 
-The promise of issue 12: a file whose upload got a 2xx is never lost and never corrupted; a failed
+The promise: a file whose upload got a 2xx is never lost and never corrupted; a failed
 upload leaves nothing behind; every fault ends in a clear answer; the service heals by itself.
 `assert_invariants` checks the first two from the outside (database rows, the disks, the cloud's
 objects, downloads); each test checks the answers it got while its fault lasted.
