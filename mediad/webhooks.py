@@ -193,7 +193,8 @@ async def listening(conn: AsyncConnection, user_id: uuid.UUID, event_type: str) 
     events nobody receives."""
     wanted = sa.select(webhook_endpoints.c.id).where(
         webhook_endpoints.c.user_id == user_id,
-        sa.or_(webhook_endpoints.c.events.is_(None), webhook_endpoints.c.events.any(event_type))).limit(1)
+        sa.or_(webhook_endpoints.c.events.is_(None),
+               sa.literal(event_type) == sa.any_(webhook_endpoints.c.events))).limit(1)
     return (await conn.execute(wanted)).first() is not None
 
 

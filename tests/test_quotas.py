@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +203,10 @@ async def test_the_cli_sets_and_clears_a_quota(server: Server, client: httpx.Asy
                                                monkeypatch: pytest.MonkeyPatch,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("MEDIAD_DATABASE_URL", server.database_url)
+    root = logging.getLogger()
+    # The CLI sets up logging as a process of its own would; the test process keeps its handlers.
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "level", root.level)
 
     def run(*args: str) -> int:
         return cli.main(["users", "set-quota", *args])

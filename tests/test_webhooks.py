@@ -116,6 +116,27 @@ def _by_type(receiver: Receiver) -> dict[str, list[dict[str, Any]]]:
     return found
 
 
+async def test_moves_and_folder_deletions_announce_each_file(
+        hook_db: str, tmp_path: Path, receiver: Receiver) -> None:
+    async with hooked(tmp_path, hook_db) as (server, http, settings):
+        user = await make_user(http)
+        await register(http, user, receiver, events=["file.moved", "file.deleted"])
+        first = await upload(http, user, b"one", path="/trip/a.txt")
+        second = await upload(http, user, b"two", path="/trip/b.txt")
+        moved = await http.patch(f"/files/{first['id']}", json={"path": "/trip/day1/"}, headers=user.auth)
+        assert moved.status_code == 200, moved.text
+        gone = await http.delete("/folders", params={"path": "/trip/", "recursive": "true"}, headers=user.auth)
+        assert gone.status_code == 200 and gone.json() == {"deleted": 2}
+        await arrived(receiver, 3, "one move and two deletions")
+        await asyncio.sleep(0.3)  # nothing more may come
+    events = _by_type(receiver)
+    assert sorted(events) == ["file.deleted", "file.moved"]
+    assert [e["data"]["file"]["path"] for e in events["file.moved"]] == ["/trip/day1/a.txt"]
+    assert events["file.moved"][0]["data"]["file"] == moved.json()
+    assert sorted(e["data"]["file"]["id"] for e in events["file.deleted"]) == sorted([first["id"], second["id"]])
+    assert all(r.verified for r in receiver.received)
+
+
 async def test_every_event_type_arrives_signed_with_the_file_as_it_is_after_the_change(
         hook_db: str, tmp_path: Path, mock_cloud: MockCloud, receiver: Receiver) -> None:
     async with hooked(tmp_path, hook_db, mock_cloud, upload_expire_s=1, local_ttl_s=3600) as (server, http, settings):
