@@ -22,9 +22,9 @@ from .auth import (
     token_hash,
     verify_password,
 )
-from .cloud import cloud_key
+from .cloud import Replicator, cloud_key
 from .errors import Forbidden, NotFound
-from .files import rfc3339
+from .files import forget_blobs, rfc3339
 from .storage import Storage
 
 
@@ -94,29 +94,26 @@ async def delete_me(request: Request) -> Response:
             raise Forbidden("send this account's password as {\"password\": …} to delete it")
         if not await anyio.to_thread.run_sync(verify_password, password[:1024], user.password_hash):
             raise Forbidden("wrong password: nothing was deleted")
-    deleted = await delete_account(state.engine, state.storage, user_id)
+    deleted = await delete_account(state.engine, state.storage, state.replicator, user_id)
     security_event("account.deleted", request, user_id=user_id, name=user.name, files=deleted)
-    if state.replicator is not None:
-        state.replicator.deletions_queued()
     return Response(status_code=204)
 
 
-async def delete_account(engine: AsyncEngine, storage: Storage, user_id: uuid.UUID) -> int:
+async def delete_account(engine: AsyncEngine, storage: Storage, replicator: Replicator | None,
+                         user_id: uuid.UUID) -> int:
     """Delete a user in one transaction (rows cascade) with its cloud copies queued for deletion
-    (retried like pushes), then its local bytes; → the number of files deleted."""
+    (retried like pushes), then its local bytes and partial uploads; → the number of files deleted."""
     async with engine.begin() as conn:
         upload_ids = await db.user_upload_ids(conn, user_id)
         blobs = await db.delete_user(conn, user_id)
-        for blob_id in blobs:
-            await db.queue_deletion(conn, cloud_key(blob_id))
+        await db.queue_deletions(conn, [cloud_key(blob_id) for blob_id in blobs])
+    await forget_blobs(storage, replicator, blobs)
 
-    def remove() -> None:
-        for blob_id in blobs:
-            storage.remove_content(blob_id)
+    def remove_partials() -> None:
         for upload_id in upload_ids:
             storage.partial_path(upload_id).unlink(missing_ok=True)
 
-    await anyio.to_thread.run_sync(remove)
+    await anyio.to_thread.run_sync(remove_partials)
     return len(blobs)
 
 

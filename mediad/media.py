@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import logging
 import re
-import uuid
 from datetime import UTC, datetime, timedelta, timezone
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
@@ -252,10 +251,6 @@ class Prober:
         derived from a content it replaced goes with that content: Storage.remove_content)."""
         self._due.set()
 
-    async def forget(self, blob_id: uuid.UUID) -> None:
-        """A content is gone (its File deleted or replaced): so are its derived files."""
-        await anyio.to_thread.run_sync(self.thumbnails.forget, blob_id)
-
     async def run(self) -> None:
         try:
             await self._sweep_derived()
@@ -279,7 +274,7 @@ class Prober:
         async with self.engine.connect() as conn:
             stray = present - await db.blob_ids(conn)
         for blob_id in stray:
-            await self.forget(blob_id)
+            await anyio.to_thread.run_sync(self.storage.remove_derived, blob_id)
         if stray:
             log.info("removed the thumbnails of %d contents that no File holds any more", len(stray))
 

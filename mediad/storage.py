@@ -144,6 +144,10 @@ class Storage:
         """A content gone from the service (its File deleted, or replaced): the local copy and the
         files derived from it (thumbnails)."""
         self.remove_blob(blob_id)
+        self.remove_derived(blob_id)
+
+    def remove_derived(self, blob_id: uuid.UUID) -> None:
+        """The files derived from a content, every size and format."""
         shutil.rmtree(derived_dir(self.root, blob_id), ignore_errors=True)
 
     # ---- partial files of resumable uploads -----------------------------------------------------

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import uuid
 from collections import OrderedDict
 from pathlib import Path
@@ -85,11 +84,10 @@ def etag(sha256: str, size: int, fmt: str) -> str:
     return f'"{sha256}.{size}.{fmt}.g{GENERATION}"'
 
 
-blob_dir = derived_dir  # a content's derived files: the thumbnails of every size and format
 
 
 def cache_path(root: Path, blob_id: uuid.UUID, size: int, fmt: str) -> Path:
-    return blob_dir(root, blob_id) / f"{size}.g{GENERATION}.{fmt}"
+    return derived_dir(root, blob_id) / f"{size}.g{GENERATION}.{fmt}"
 
 
 def fit(width: int, height: int, size: int) -> tuple[int, int]:
@@ -267,10 +265,6 @@ class Thumbnailer:
                     with contextlib.suppress(ValueError):
                         found.add(uuid.UUID(hex=entry.name))
         return found
-
-    def forget(self, blob_id: uuid.UUID) -> None:
-        """Remove every derived file of a content (blocking: call it off the event loop)."""
-        shutil.rmtree(blob_dir(self.root, blob_id), ignore_errors=True)
 
     async def close(self) -> None:
         tasks = list(self._making.values())

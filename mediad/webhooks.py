@@ -169,14 +169,18 @@ def _timestamp() -> str:
 
 # One statement: fan out to the matching endpoints, and NOTIFY (delivered at commit) only when
 # there was one. With no endpoint it is an index probe on webhook_endpoints.user_id.
+_WANTED = "e.user_id = :user_id AND (e.events IS NULL OR :event = ANY(e.events))"  # the endpoints of an event
 _EMIT = sa.text(
     "WITH queued AS ("
     " INSERT INTO webhook_deliveries (id, endpoint_id, event_id, event, body)"
-    " SELECT gen_random_uuid(), e.id, :event_id, :event, :body FROM webhook_endpoints e"
-    " WHERE e.user_id = :user_id AND (e.events IS NULL OR :event = ANY(e.events))"
+    f" SELECT gen_random_uuid(), e.id, :event_id, :event, :body FROM webhook_endpoints e WHERE {_WANTED}"
     " RETURNING 1)"
     f" SELECT pg_notify('{CHANNEL}', '') WHERE EXISTS (SELECT 1 FROM queued)"
 ).bindparams(sa.bindparam("user_id", type_=sa.Uuid), sa.bindparam("event_id", type_=sa.Uuid))
+
+
+_LISTENING = sa.text(f"SELECT 1 FROM webhook_endpoints e WHERE {_WANTED} LIMIT 1").bindparams(
+    sa.bindparam("user_id", type_=sa.Uuid))
 
 
 async def emit(conn: AsyncConnection, user_id: uuid.UUID, event_type: str, data: dict[str, Any]) -> None:
@@ -191,11 +195,7 @@ async def emit(conn: AsyncConnection, user_id: uuid.UUID, event_type: str, data:
 async def listening(conn: AsyncConnection, user_id: uuid.UUID, event_type: str) -> bool:
     """Whether any of the user's endpoints wants `event_type`: lets a bulk change skip building
     events nobody receives."""
-    wanted = sa.select(webhook_endpoints.c.id).where(
-        webhook_endpoints.c.user_id == user_id,
-        sa.or_(webhook_endpoints.c.events.is_(None),
-               sa.literal(event_type) == sa.any_(webhook_endpoints.c.events))).limit(1)
-    return (await conn.execute(wanted)).first() is not None
+    return (await conn.execute(_LISTENING, {"user_id": user_id, "event": event_type})).first() is not None
 
 
 async def emit_file(conn: AsyncConnection, event_type: str, row: Row[Any], node: uuid.UUID | None) -> None:

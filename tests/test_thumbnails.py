@@ -30,8 +30,7 @@ from test_media import probed
 
 from mediad.cleanup import sweep
 from mediad.db import create_engine
-from mediad.storage import Storage
-from mediad.thumbnails import blob_dir
+from mediad.storage import Storage, derived_dir
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -280,7 +279,7 @@ async def test_stray_thumbnails_are_removed_at_start(database_url: str, tmp_path
             kept = await upload(http, user, samples.png_alpha(), name="kept.png")
             assert (await thumb(http, user, kept["id"], 32)).status_code == 200
     # As a crash between a delete's commit and the removal of its thumbnails would leave them.
-    stray = blob_dir(settings.data_dir.resolve(), uuid.uuid4())
+    stray = derived_dir(settings.data_dir.resolve(), uuid.uuid4())
     stray.mkdir(parents=True)
     (stray / "32.g1.webp").write_bytes(b"old")
     with serve_in_thread(settings, database_url) as running:
