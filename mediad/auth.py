@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from . import db, throttle
+from .cache import LookupCache
 from .config import Settings
 from .errors import BadRequest, Conflict, Forbidden, TooManyRequests, Unauthorized, Unprocessable
 
@@ -124,20 +125,38 @@ def bearer_token(request: Request) -> str:
     return token
 
 
-async def authenticate(request: Request) -> uuid.UUID:
-    """The caller's user id from `Authorization: Bearer <token>`; 401 otherwise."""
-    return await user_for_token(request.app.state.reader, bearer_token(request), request.app.state.settings)
+async def authenticate(request: Request, *, cached: bool = False) -> uuid.UUID:
+    """The caller's user id from `Authorization: Bearer <token>`; 401 otherwise. `cached`: a
+    fresh check in the lookup cache answers (a hot route's saving of a round trip per request)."""
+    state = request.app.state
+    return await user_for_token(state.reader, bearer_token(request), state.settings,
+                                state.cache if cached else None)
 
 
-async def user_for_token(engine: AsyncEngine, token: str, settings: Settings) -> uuid.UUID:
+async def user_for_token(engine: AsyncEngine, token: str, settings: Settings,
+                         cache: LookupCache | None = None) -> uuid.UUID:
     digest = token_hash(token)
+    if cache is not None and (known := cached_user(cache, digest, settings)) is not None:
+        return known
+    stamp = cache.stamp() if cache is not None else None
     async with engine.connect() as conn:
         found = await db.user_for_token(conn, digest)
         # The lookup is by hash, so its timing says nothing about the token; compare anyway.
         if found is None or not hmac.compare_digest(found.token_hash, digest):
             raise Unauthorized(UNKNOWN_TOKEN)
-        await accept_token(conn, digest, found.created_at, found.last_used_at, settings)
+        last_used = await accept_token(conn, digest, found.created_at, found.last_used_at, settings)
+    if cache is not None:
+        cache.keep_token(stamp, digest, found.user_id, found.created_at, last_used)
     return found.user_id
+
+
+def cached_user(cache: LookupCache, digest: bytes, settings: Settings) -> uuid.UUID | None:
+    """The user of a token the cache knows and that may be accepted without the database; None
+    when the database must answer (unknown, expired: a 401 there, or its use due to be recorded)."""
+    entry = cache.user(digest)
+    if entry is None or not token_fresh(entry.created_at, entry.last_used_at, settings):
+        return None
+    return entry.user_id
 
 
 # ---- token lifetimes ----------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import links
-from .auth import bearer_token, token_fresh, token_hash
+from .auth import bearer_token, cached_user, token_hash
 from .cache import LookupCache
 from .downloads import AccelResponse, BlobResponse, Representation, download_lookup, respond
 from .errors import MediaError
@@ -90,11 +90,11 @@ def _cached(request: Request, cache: LookupCache, route: _Route | None,
         rep = cache.file(parse_file_id(params["id"]))
         user_id = parse_file_id(params["user"])
         return rep if rep is not None and rep.record and rep.owner_id == user_id else None
-    token = cache.user(token_hash(bearer_token(request)))
-    if token is None or not token_fresh(token.created_at, token.last_used_at, request.app.state.settings):
-        return None  # expired (the app answers 401) or due to have its use recorded: the app does it
+    caller = cached_user(cache, token_hash(bearer_token(request)), request.app.state.settings)
+    if caller is None:
+        return None  # the app's handler asks the database (and answers 401 or records the use)
     lookup: dict[str, Any] = download_lookup(params) if file_id is None else {"file_id": parse_file_id(file_id)}
     if "path" in lookup:
-        return cache.file_at(token.user_id, lookup["path"])
+        return cache.file_at(caller, lookup["path"])
     rep = cache.file(lookup["file_id"])
-    return rep if rep is not None and rep.owner_id == token.user_id else None
+    return rep if rep is not None and rep.owner_id == caller else None

@@ -116,13 +116,29 @@ async def _visible(conn: AsyncConnection, upload_id: uuid.UUID, owner_id: uuid.U
         uploads.c.id == upload_id, uploads.c.owner_id == owner_id, _live))).first()
 
 
-async def _claim(conn: AsyncConnection, upload_id: uuid.UUID, owner_id: uuid.UUID) -> Row[Any] | None:
-    free = sa.or_(uploads.c.lock_until.is_(None), uploads.c.lock_until < sa.func.now())
-    return (await conn.execute(
-        sa.update(uploads)
-        .where(uploads.c.id == upload_id, uploads.c.owner_id == owner_id, _live, free)
-        .values(lock_until=sa.func.now() + sa.func.make_interval(0, 0, 0, 0, 0, 0, _LOCK_S))
-        .returning(uploads))).first()
+# A lease is not worth a WAL flush: a crash ends the PATCH holding it anyway, and start-up
+# recovery frees the leases of the dead. So the claim commits asynchronously (set for its own
+# transaction only); what must survive a crash, the offset, is recorded by a durable commit.
+_ASYNC_COMMIT = sa.select(sa.func.set_config("synchronous_commit", "off", True)).scalar_subquery()
+
+# Built once: built per call, a claim and an offset record took 5.1 ms together on an idle
+# database, 1.7 ms prebuilt (SQLAlchemy builds, keys and looks up a statement every time).
+_CLAIM = (sa.update(uploads)
+          .where(uploads.c.id == sa.bindparam("upload_id"), uploads.c.owner_id == sa.bindparam("claimant"), _live,
+                 sa.or_(uploads.c.lock_until.is_(None), uploads.c.lock_until < sa.func.now()), _ASYNC_COMMIT == "off")
+          .values(lock_until=sa.func.now() + sa.func.make_interval(0, 0, 0, 0, 0, 0, _LOCK_S))
+          .returning(*uploads.c))
+_CLAIM_WITH_ROOM = _CLAIM.returning(*quotas.room_columns(uploads.c.owner_id, uploads.c.path))
+_RECORD_OFFSET = (sa.update(uploads)  # and release the claim
+                  .where(uploads.c.id == sa.bindparam("upload_id"), uploads.c.offset == sa.bindparam("from_offset"))
+                  .values(offset=sa.bindparam("to_offset"), lock_until=None))
+
+
+async def _claim(conn: AsyncConnection, upload_id: uuid.UUID, owner_id: uuid.UUID, *,
+                 with_room: bool = False) -> Row[Any] | None:
+    """Lease the upload to this request: its row, and with `with_room` the owner's quota room."""
+    statement = _CLAIM_WITH_ROOM if with_room else _CLAIM
+    return (await conn.execute(statement, {"upload_id": upload_id, "claimant": owner_id})).first()
 
 
 # ---- the protocol -------------------------------------------------------------------------------
@@ -211,7 +227,7 @@ async def status(request: Request) -> Response:
 
 @_tus
 async def patch(request: Request) -> Response:
-    owner_id = await authenticate(request)
+    owner_id = await authenticate(request, cached=True)
     upload_id = parse_file_id(request.path_params["upload_id"])
     if media_type(request.headers.get("content-type")) != OFFSET_STREAM:
         raise UnsupportedMediaType(f"PATCH needs Content-Type: {OFFSET_STREAM}")
@@ -291,10 +307,11 @@ async def _patch(request: Request, upload_id: uuid.UUID, owner_id: uuid.UUID, *,
     """Claim the upload, append the body at `offset`, make it durable; → (offset, File id if done)."""
     state = request.app.state
     storage: Storage = state.storage
-    # Single statements in autocommit: the claim, and on success one UPDATE that records the new
-    # offset and releases the claim together; a PATCH costs two round trips to the database, not nine.
+    # Single statements in autocommit: the claim (with the quota room), and on success one UPDATE
+    # that records the new offset and releases the claim together: two round trips to the database
+    # and one durable commit per PATCH (the token check is the lookup cache's when it can be).
     async with state.reader.connect() as conn:
-        row = await _claim(conn, upload_id, owner_id)
+        row = await _claim(conn, upload_id, owner_id, with_room=True)
         if row is None:
             raise (Locked("another PATCH is writing this upload; retry when it is done")
                    if await _visible(conn, upload_id, owner_id) else NotFound("no such upload (or it expired)"))
@@ -307,7 +324,7 @@ async def _patch(request: Request, upload_id: uuid.UUID, owner_id: uuid.UUID, *,
         if offset != row.offset:
             raise Conflict(f"Upload-Offset is {offset} but the upload is at {row.offset}")
         # Other uploads may have used the room since creation: refuse before taking more bytes.
-        (await quotas.room(state.reader, owner_id, row.path)).check(row.length)
+        quotas.Room(row.quota, int(row.used)).check(row.length)
         hashes: Hashes = state.tus_hashers
         writer, cut = await _append(request, storage, hashes, row, checksum)
         new_offset = row.offset + writer.size
@@ -317,9 +334,11 @@ async def _patch(request: Request, upload_id: uuid.UUID, owner_id: uuid.UUID, *,
             released = True  # the File's transaction released the claim
             return new_offset, file_id
         async with state.reader.connect() as conn:
-            await conn.execute(sa.update(uploads).where(uploads.c.id == row.id, uploads.c.offset == row.offset)
-                               .values(offset=new_offset, lock_until=None))
+            recorded = await conn.execute(_RECORD_OFFSET, {"upload_id": row.id, "from_offset": row.offset,
+                                                           "to_offset": new_offset})
         released = True  # the statement that recorded the new offset released the claim
+        if recorded.rowcount != 1:  # expired and swept while this PATCH wrote
+            raise NotFound("no such upload (it expired)")
         hashes.put(row.id, new_offset, writer.sha256, row.expires_at)
         return new_offset, None
     finally:

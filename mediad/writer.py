@@ -38,7 +38,9 @@ _QUEUE_DEPTH = 8  # batches in flight per upload: one upload keeps the disk busy
 # client's unfinished batch holds none of it, so a few stalled uploads cannot hold up everyone
 # else's; and batches shrink as writers multiply, so what they gather stays bounded too.
 _IN_FLIGHT_BYTES = 4 << 20
-_WRITEBACK_EVERY = 8 << 20  # start write-back early so the final fsync (of a tus PATCH too) is short
+# Start write-back every 2 MiB, so that the disk is busy from a body's first MiBs on and the final
+# fsync waits for little: a tus PATCH's fsync waited ~38 ms per 16 MiB at 8 MiB (PUTs unchanged).
+_WRITEBACK_EVERY = 2 << 20
 _FREE_CHECK_EVERY = 64 << 20
 _READ_BYTES = 1 << 20
 _IOV_MAX = 512  # stay under the kernel's IOV_MAX (1024) per pwritev

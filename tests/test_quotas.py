@@ -151,6 +151,24 @@ async def test_tus_creation_over_the_quota_is_507_and_each_patch_checks_again(
     assert await usage(client, user) == {"files": 1, "bytes": 50, "quota": 100}
 
 
+async def test_a_tus_upload_that_replaces_counts_the_difference_at_each_patch(
+        server: Server, client: httpx.AsyncClient, user: User) -> None:
+    await set_quota(server, user, 100)
+    await upload(client, user, b"o" * 60, path="/a.bin")
+    meta = ",".join(f"{k} {base64.b64encode(v.encode()).decode()}" for k, v in (("filename", "a.bin"), ("path", "/")))
+    created = await client.post("/uploads", headers={**user.auth, **TUS, "Upload-Length": "80",
+                                                     "Upload-Metadata": meta})
+    assert created.status_code == 201, created.text
+    location = created.headers["location"]
+    patch = {**user.auth, **TUS, "Content-Type": "application/offset+octet-stream"}
+    assert (await client.patch(location, content=b"n" * 30, headers={**patch, "Upload-Offset": "0"})).status_code == 204
+    done = await client.patch(location, content=b"n" * 50, headers={**patch, "Upload-Offset": "30"})
+    assert done.status_code == 204 and done.headers["upload-offset"] == "80"
+    assert await usage(client, user) == {"files": 1, "bytes": 80, "quota": 100}
+    replaced = (await client.get("/download", headers=user.auth, params={"path": "/a.bin"})).content
+    assert replaced == b"n" * 80
+
+
 async def test_racing_uploads_that_fit_alone_but_not_together_get_exactly_one_507(
         server: Server, client: httpx.AsyncClient, user: User) -> None:
     await set_quota(server, user, 100)

@@ -266,6 +266,54 @@ async def test_expired_uploads_are_404_and_cleaned_up(database_url: str, tmp_pat
                 await conn.close()
 
 
+async def test_an_upload_swept_while_a_patch_writes_is_404_not_acknowledged(database_url: str,
+                                                                          tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "data", upload_expire_s=1, cleanup_interval_s=0)
+    swept = asyncio.Event()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"a" * 1000
+        await swept.wait()
+        yield b"b" * 1000
+
+    async def sweep_when_expired() -> int:
+        from mediad.cleanup import sweep
+        from mediad.db import create_engine
+        from mediad.storage import Storage
+
+        await asyncio.sleep(1.5)
+        engine = create_engine(database_url, settings)
+        storage = Storage(settings.data_dir)
+        storage.prepare()
+        try:
+            report = await sweep(engine, storage, settings)
+        finally:
+            await engine.dispose()
+            swept.set()
+        return report.uploads_removed
+
+    with serve_in_thread(settings, database_url) as running:
+        async with httpx.AsyncClient(base_url=running.url, timeout=30) as http:
+            user = await make_user(http)
+            location = await create(http, user, 5000)
+            answer, removed = await asyncio.gather(patch(http, user, location, 0, body()), sweep_when_expired())
+            assert removed == 1
+            assert_problem(answer, 404)
+            assert list((settings.data_dir / "uploads").iterdir()) == []
+
+
+async def test_a_revoked_token_stops_patching_at_once(client: httpx.AsyncClient, user: User) -> None:
+    second = await client.post("/auth/tokens", headers=user.auth, json={"name": "uploader"})
+    assert second.status_code == 201
+    uploader = User(user.id, user.name, second.json()["token"])
+    location = await create(client, uploader, 100)
+    assert (await patch(client, uploader, location, 0, b"r" * 40)).status_code == 204  # its check now cached
+    revoked = await client.delete(f"/auth/tokens/{second.json()['id']}", headers=user.auth)
+    assert revoked.status_code == 204
+    assert_problem(await patch(client, uploader, location, 40, b"r" * 60), 401)
+    assert await offset_of(client, user, location) == 40
+
+
 async def test_kill_9_loses_no_acknowledged_byte(database_url: str, tmp_path: Path) -> None:
     data = os.urandom(6 * MiB)
     with mediad_process(tmp_path / "data", database_url=database_url) as running:
