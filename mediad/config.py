@@ -171,6 +171,7 @@ def _parse_bool(text: str) -> bool:
 def _convert(name: str, kind: Any, text: str) -> Any:
     if isinstance(kind, str):
         kind = kind.removesuffix(" | None")  # unset is None; a value set is of the base type
+    value: Any
     if name.endswith("_bytes"):
         value = _parse_size(text)
     elif kind in ("int", int):

@@ -16,6 +16,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from .config import Settings
 
+# A row of whatever columns a query selects: SQLAlchemy 2.1 types a Row by its columns (Row[int,
+# str]), and these functions' callers read rows by column name.
+AnyRow = Row[*tuple[Any, ...]]
+
 metadata = sa.MetaData(
     naming_convention={
         "ix": "ix_%(column_0_label)s",
@@ -338,7 +342,7 @@ _USER_FOR_TOKEN = (sa.select(tokens.c.user_id, tokens.c.token_hash, tokens.c.cre
                    .select_from(_ACTIVE_TOKENS).where(tokens.c.token_hash == sa.bindparam("token_hash")))
 
 
-async def user_for_token(conn: AsyncConnection, token_hash: bytes) -> Row[Any] | None:
+async def user_for_token(conn: AsyncConnection, token_hash: bytes) -> AnyRow | None:
     """(user_id, token_hash, created_at, last_used_at) of a token, or None."""
     result = await conn.execute(_USER_FOR_TOKEN, {"token_hash": token_hash})
     return result.first()
@@ -368,7 +372,7 @@ async def set_password(conn: AsyncConnection, user_id: uuid.UUID, password_hash:
     return result.rowcount
 
 
-async def list_tokens(conn: AsyncConnection, user_id: uuid.UUID) -> Sequence[Row[Any]]:
+async def list_tokens(conn: AsyncConnection, user_id: uuid.UUID) -> Sequence[AnyRow]:
     return (await conn.execute(
         sa.select(tokens.c.id, tokens.c.name, tokens.c.created_at, tokens.c.last_used_at, tokens.c.token_hash)
         .where(tokens.c.user_id == user_id).order_by(tokens.c.created_at, tokens.c.id))).all()
@@ -386,7 +390,7 @@ async def get_user(conn: AsyncConnection, user_id: uuid.UUID) -> Row[Any] | None
     return (await conn.execute(sa.select(users).where(users.c.id == user_id))).first()
 
 
-async def list_users(conn: AsyncConnection) -> Sequence[Row[Any]]:
+async def list_users(conn: AsyncConnection) -> Sequence[AnyRow]:
     count = sa.select(sa.func.count()).where(files.c.owner_id == users.c.id).scalar_subquery()
     total = sa.select(sa.func.coalesce(sa.func.sum(files.c.size), 0)).where(
         files.c.owner_id == users.c.id).scalar_subquery()
@@ -686,7 +690,7 @@ async def fail_deletion(conn: AsyncConnection, key: str, error: str, retry_in_s:
 # ---- local disk cleanup -------------------------------------------------------------------------
 
 async def evictable(conn: AsyncConnection, node: uuid.UUID,
-                    accessed_before: datetime | None = None) -> Sequence[Row[Any]]:
+                    accessed_before: datetime | None = None) -> Sequence[AnyRow]:
     """Files on this node's disk whose verified cloud copy exists, least recently accessed first."""
     query = (sa.select(files.c.id, files.c.blob_id, files.c.size)
              .where(files.c.node == node, files.c.cloud_state == "stored")
@@ -707,7 +711,7 @@ async def mark_evicted(conn: AsyncConnection, file_id: uuid.UUID, blob_id: uuid.
     return result.rowcount == 1
 
 
-async def local_state(conn: AsyncConnection, node: uuid.UUID) -> Sequence[Row[Any]]:
+async def local_state(conn: AsyncConnection, node: uuid.UUID) -> Sequence[AnyRow]:
     """Rows whose blob this node's disk holds, or held until an eviction (node NULL)."""
     return (await conn.execute(
         sa.select(files.c.id, files.c.blob_id, files.c.node, files.c.cloud_state)

@@ -8,16 +8,16 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy.engine import Row
-from starlette.datastructures import State
 from starlette.requests import Request
 from starlette.responses import Response
 
 from . import links
 from .auth import authenticate
-from .cloud import CloudError, cloud_key
+from .cloud import CloudError, Store, cloud_key
 from .downloads import evaluate_preconditions, owned_by_bearer
 from .errors import NotFound, PreconditionFailed, ServiceUnavailable
 from .files import parse_file_id
+from .storage import Storage
 from .thumbnails import MEDIA_TYPES, choose_format, etag, parse_size
 from .writer import BlobWriter
 
@@ -26,14 +26,13 @@ _CACHE_CONTROL = "private, max-age=31536000, immutable"  # the URL carries the c
 
 
 @contextlib.asynccontextmanager
-async def readable_copy(state: State, row: Row[Any]) -> AsyncIterator[Path]:
+async def readable_copy(storage: Storage, store: Store | None, row: Row[Any]) -> AsyncIterator[Path]:
     """The File's content as a path a worker can open: its blob on this disk, else a temporary
-    copy read back from its cloud copy (removed afterwards)."""
-    storage = state.storage
+    copy read back from its cloud copy in `store` (removed afterwards)."""
     if row.node == storage.node_id:
         yield storage.blob_path(row.blob_id)
         return
-    if row.cloud_state != "stored" or state.store is None:
+    if row.cloud_state != "stored" or store is None:
         raise ServiceUnavailable("the file is on another mediad node's disk and not in the cloud yet",
                                  retry_after=5)
     if row.size > CLOUD_READ_BACK_MAX:
@@ -42,7 +41,7 @@ async def readable_copy(state: State, row: Row[Any]) -> AsyncIterator[Path]:
     writer = BlobWriter.create(storage, max_bytes=row.size)
     try:
         try:
-            async for chunk in state.store.read(cloud_key(row.blob_id), 0, row.size):
+            async for chunk in store.read(cloud_key(row.blob_id), 0, row.size):
                 await writer.write(chunk)
             copy = await writer.finish()
         except CloudError as exc:
@@ -88,7 +87,7 @@ async def thumbnail(request: Request) -> Response:
         raise NotFound(reason)
     body = await state.thumbnails.cached(row.blob_id, size, fmt)
     if body is None:
-        async with readable_copy(state, row) as source:
+        async with readable_copy(state.storage, state.store, row) as source:
             body = await state.thumbnails.make(row.blob_id, source, row.media_kind, size, fmt)
     headers["x-content-type-options"] = "nosniff"
     if request.method == "HEAD":  # the length a GET would send, and no body (whatever the server)
