@@ -69,6 +69,10 @@ class Settings:
     # header_timeout_s, a body may pause at most body_timeout_s, and a head is capped at 431.
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
+    # An idle keep-alive connection is closed after this. Longer than what clients and proxies
+    # keep one for (httpx 5 s, aiohttp 15 s, nginx's upstream keepalive 60 s): at uvicorn's 5 s a
+    # client reusing a connection as the server closed it got a reset instead of an answer.
+    keep_alive_s: float = 75.0
     max_header_bytes: int = 32 * 1024
     # Webhooks: endpoints resolving to private/loopback/link-local addresses are refused unless
     # allowed (tests, trusted networks); a delivery is retried for webhook_retry_s, then failed.
@@ -225,7 +229,7 @@ def _check(settings: Settings) -> None:
             raise ConfigError(f"MEDIAD_{name.upper()} is invalid: must be at least 1")
     if settings.workers < 1:
         raise ConfigError("MEDIAD_WORKERS is invalid: must be at least 1")
-    for name in ("header_timeout_s", "body_timeout_s", "max_header_bytes", "media_timeout_s"):
+    for name in ("header_timeout_s", "body_timeout_s", "keep_alive_s", "max_header_bytes", "media_timeout_s"):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"MEDIAD_{name.upper()} is invalid: must be greater than 0")
     for origin in settings.cors_origin_list:

@@ -232,6 +232,7 @@ def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> Any:
     options: dict[str, Any] = {
         "host": settings.host, "port": settings.port, "log_config": None, "server_header": False,
         "timeout_graceful_shutdown": 30, "http": guarded_protocol(settings),
+        "timeout_keep_alive": settings.keep_alive_s,
         "ws": "none",
         # uvicorn trusts X-Forwarded-For from 127.0.0.1 by default and rewrites the client address;
         # mediad decides whom to trust itself (MEDIAD_TRUSTED_PROXIES, throttle.client_address).

@@ -24,6 +24,7 @@ from conftest import (
     make_user,
     mediad_process,
     raw_connection,
+    read_response,
     request_head,
     serve_in_thread,
 )
@@ -294,3 +295,18 @@ async def test_slow_clients_do_not_starve_a_normal_one(database_url: str, tmp_pa
             assert await eventually(lambda: not stray_files(server)), stray_files(server)
             assert await eventually(lambda: clients_and_files(pid, port) <= fds_before), (
                 f"{clients_and_files(pid, port)} client sockets and files open, {fds_before} before")
+
+
+async def test_an_idle_keep_alive_connection_is_kept_for_keep_alive_s_not_the_head_deadline(
+        database_url: str, tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "data", header_timeout_s=HEAD_TIMEOUT, keep_alive_s=3.0)
+    with serve_in_thread(settings, database_url) as running:
+        async with raw_connection(running) as (reader, writer):
+            for _ in range(2):
+                writer.write(request_head("GET", "/health", {}))
+                assert (await read_response(reader)).status_code == 200
+                await asyncio.sleep(2 * HEAD_TIMEOUT)  # idle past the head deadline, within keep-alive
+            started = time.monotonic()
+            async with asyncio.timeout(10):
+                assert await reader.read(1) == b""  # then the server closes it
+            assert time.monotonic() - started < 2.0
