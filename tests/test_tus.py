@@ -20,6 +20,10 @@ import pytest
 from conftest import Server, User, assert_problem, make_settings, make_user, mediad_process, serve_in_thread, wait_for
 from tusclient.client import TusClient
 
+from mediad.cleanup import sweep
+from mediad.config import Settings
+from mediad.db import create_engine
+from mediad.storage import Storage
 from mediad.tus import Hashes
 
 MiB = 1024 * 1024
@@ -236,6 +240,17 @@ async def test_termination_removes_the_partial_bytes(server: Server, client: htt
     assert (await client.head(location, headers={**user.auth, **TUS})).status_code == 404
 
 
+async def sweep_once(database_url: str, settings: Settings) -> int:
+    """One cleanup pass over `settings.data_dir`, as `mediad cleanup --once` runs it; → uploads removed."""
+    engine = create_engine(database_url, settings)
+    storage = Storage(settings.data_dir)
+    storage.prepare()
+    try:
+        return (await sweep(engine, storage, settings)).uploads_removed
+    finally:
+        await engine.dispose()
+
+
 async def test_expired_uploads_are_404_and_cleaned_up(database_url: str, tmp_path: Path) -> None:
     settings = make_settings(tmp_path / "data", upload_expire_s=1, cleanup_interval_s=0)
     with serve_in_thread(settings, database_url) as running:
@@ -246,18 +261,7 @@ async def test_expired_uploads_are_404_and_cleaned_up(database_url: str, tmp_pat
             await asyncio.sleep(1.5)
             assert (await http.head(location, headers={**user.auth, **TUS})).status_code == 404
             assert_problem(await patch(http, user, location, 50, b"z" * 50), 404)
-            from mediad.cleanup import sweep
-            from mediad.db import create_engine
-            from mediad.storage import Storage
-
-            engine = create_engine(database_url, settings)
-            storage = Storage(settings.data_dir)
-            storage.prepare()
-            try:
-                report = await sweep(engine, storage, settings)
-            finally:
-                await engine.dispose()
-            assert report.uploads_removed == 1
+            assert await sweep_once(database_url, settings) == 1
             assert list((settings.data_dir / "uploads").iterdir()) == []
             conn = await asyncpg.connect(database_url)
             try:
@@ -277,20 +281,11 @@ async def test_an_upload_swept_while_a_patch_writes_is_404_not_acknowledged(data
         yield b"b" * 1000
 
     async def sweep_when_expired() -> int:
-        from mediad.cleanup import sweep
-        from mediad.db import create_engine
-        from mediad.storage import Storage
-
         await asyncio.sleep(1.5)
-        engine = create_engine(database_url, settings)
-        storage = Storage(settings.data_dir)
-        storage.prepare()
         try:
-            report = await sweep(engine, storage, settings)
+            return await sweep_once(database_url, settings)
         finally:
-            await engine.dispose()
             swept.set()
-        return report.uploads_removed
 
     with serve_in_thread(settings, database_url) as running:
         async with httpx.AsyncClient(base_url=running.url, timeout=30) as http:
