@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
 import pytest
 import sqlalchemy as sa
-from conftest import Server, User, assert_problem, fresh_database, upload
+from conftest import Server, User, assert_problem, fresh_database, make_settings, make_user, serve_in_thread, upload
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 
 from mediad import db, migrate, tree
@@ -132,31 +133,42 @@ async def test_recursive_delete_removes_only_what_is_below(server: Server, clien
     assert (usage["files"], usage["bytes"]) == (5, 13 + 23 + 19 + 17 + len(b"no path"))
 
 
-async def test_recursive_delete_of_2000_files_leaves_no_row_no_blob_and_queues_every_cloud_copy(
-        server: Server, client: httpx.AsyncClient, user: User) -> None:
+def test_recursive_delete_of_2000_files_leaves_no_row_no_blob_and_queues_every_cloud_copy(
+        pg_server_url: str, tmp_path: Path) -> None:
+    """On a database of its own: the session's Granian mediad shares the session database and
+    carries out queued cloud deletions, which would race this test's reading of the queue."""
+    with fresh_database(pg_server_url) as url:
+        migrate.upgrade(url)
+        with serve_in_thread(make_settings(tmp_path / "data"), url) as running:
+            asyncio.run(_recursive_delete_of_2000_files(running))
+
+
+async def _recursive_delete_of_2000_files(server: Server) -> None:
     gate = asyncio.Semaphore(16)
+    async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+        user = await make_user(client)
 
-    async def put(i: int) -> None:
-        async with gate:
-            await upload(client, user, b"%d" % i, path=f"/bulk/{i % 7}/{i}.txt")
+        async def put(i: int) -> None:
+            async with gate:
+                await upload(client, user, b"%d" % i, path=f"/bulk/{i % 7}/{i}.txt")
 
-    await asyncio.gather(*(put(i) for i in range(2000)))
-    keep = await upload(client, user, b"stays", path="/bulky/stays.txt")  # shares the prefix, not the folder
-    conn = await asyncpg.connect(server.database_url)
-    try:
-        blobs = await conn.fetchval("SELECT array_agg(blob_id) FROM files WHERE path LIKE '/bulk/%'")
-        assert len(blobs) == 2000
-        response = await client.delete("/folders", headers=user.auth,
-                                       params={"path": "/bulk/", "recursive": "true"})
-        assert response.status_code == 200 and response.json() == {"deleted": 2000}
-        assert await conn.fetchval("SELECT count(*) FROM files WHERE path LIKE '/bulk/%'") == 0
-        keys = {row["key"] for row in await conn.fetch("SELECT key FROM cloud_deletions")}
-    finally:
-        await conn.close()
-    assert keys == {cloud_key(b) for b in blobs}
-    assert not any((server.data_dir / blob_relpath(b)).exists() for b in blobs)
-    assert len(server.blob_files()) == 1
-    assert (await client.get(f"/files/{keep['id']}", headers=user.auth)).status_code == 200
+        await asyncio.gather(*(put(i) for i in range(2000)))
+        keep = await upload(client, user, b"stays", path="/bulky/stays.txt")  # shares the prefix, not the folder
+        conn = await asyncpg.connect(server.database_url)
+        try:
+            blobs = await conn.fetchval("SELECT array_agg(blob_id) FROM files WHERE path LIKE '/bulk/%'")
+            assert len(blobs) == 2000
+            response = await client.delete("/folders", headers=user.auth,
+                                           params={"path": "/bulk/", "recursive": "true"})
+            assert response.status_code == 200 and response.json() == {"deleted": 2000}
+            assert await conn.fetchval("SELECT count(*) FROM files WHERE path LIKE '/bulk/%'") == 0
+            keys = {row["key"] for row in await conn.fetch("SELECT key FROM cloud_deletions")}
+        finally:
+            await conn.close()
+        assert keys == {cloud_key(b) for b in blobs}
+        assert not any((server.data_dir / blob_relpath(b)).exists() for b in blobs)
+        assert len(server.blob_files()) == 1
+        assert (await client.get(f"/files/{keep['id']}", headers=user.auth)).status_code == 200
 
 
 # ---- query plans on 100,000 files ---------------------------------------------------------------
