@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -26,6 +27,11 @@ class Room:
 
     quota: int | None
     used: int
+
+    @classmethod
+    def from_row(cls, row: Any) -> Room:
+        """From a row that selected `room_columns`."""
+        return cls(row.quota, int(row.used))
 
     def check(self, incoming: int) -> None:
         """QuotaExceeded (507) when a file of `incoming` bytes would take usage over the quota."""
@@ -70,7 +76,7 @@ def _given(user_id: uuid.UUID,
 def room_columns(user_id: sa.ColumnElement[uuid.UUID],
                  replacing: sa.ColumnElement[str | None]) -> list[sa.Label[object]]:
     """`quota` and `used` as two columns of a statement, so that the early check costs no round
-    trip of its own (a tus PATCH's claim returns them); `Room(row.quota, row.used)`. An unlimited
+    trip of its own (a tus PATCH's claim returns them); read back by `Room.from_row`. An unlimited
     user's files are not added up: a scalar subquery in a CASE branch runs only when reached."""
     quota = sa.select(users.c.quota).where(users.c.id == user_id).scalar_subquery()
     return [quota.label("quota"), sa.case((quota.is_(None), 0), else_=_usage(user_id, replacing)).label("used")]
@@ -80,7 +86,7 @@ async def room(reader: AsyncEngine, user_id: uuid.UUID, replacing: str | None) -
     """For the early checks, before or while the body arrives (no lock held): one statement."""
     async with reader.connect() as conn:
         row = (await conn.execute(sa.select(*room_columns(*_given(user_id, replacing))))).one()
-    return Room(row.quota, int(row.used))
+    return Room.from_row(row)
 
 
 async def reserve(conn: AsyncConnection, user_id: uuid.UUID, size: int, path: str | None) -> None:

@@ -324,7 +324,7 @@ async def _patch(request: Request, upload_id: uuid.UUID, owner_id: uuid.UUID, *,
         if offset != row.offset:
             raise Conflict(f"Upload-Offset is {offset} but the upload is at {row.offset}")
         # Other uploads may have used the room since creation: refuse before taking more bytes.
-        quotas.Room(row.quota, int(row.used)).check(row.length)
+        quotas.Room.from_row(row).check(row.length)
         hashes: Hashes = state.tus_hashers
         writer, cut = await _append(request, storage, hashes, row, checksum)
         new_offset = row.offset + writer.size
