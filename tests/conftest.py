@@ -7,6 +7,7 @@ for the session and dropped afterwards), else the embedded PostgreSQL in a temp 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import json
@@ -257,6 +258,11 @@ async def upload(http: httpx.AsyncClient, user: User, data: bytes, *, name: str 
     file: dict[str, Any] = response.json()
     assert file["sha256"] == hashlib.sha256(data).hexdigest() and file["size"] == len(data)
     return file
+
+
+def tus_metadata(**values: str) -> str:
+    """An Upload-Metadata header: each key with its value in base64, comma-separated."""
+    return ",".join(f"{k} {base64.b64encode(v.encode()).decode()}" for k, v in values.items())
 
 
 def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from conftest import (
     read_response,
     request_head,
     serve_in_thread,
+    tus_metadata,
     upload,
 )
 
@@ -155,9 +156,8 @@ async def test_a_tus_upload_that_replaces_counts_the_difference_at_each_patch(
         server: Server, client: httpx.AsyncClient, user: User) -> None:
     await set_quota(server, user, 100)
     await upload(client, user, b"o" * 60, path="/a.bin")
-    meta = ",".join(f"{k} {base64.b64encode(v.encode()).decode()}" for k, v in (("filename", "a.bin"), ("path", "/")))
     created = await client.post("/uploads", headers={**user.auth, **TUS, "Upload-Length": "80",
-                                                     "Upload-Metadata": meta})
+                                                     "Upload-Metadata": tus_metadata(filename="a.bin", path="/")})
     assert created.status_code == 201, created.text
     location = created.headers["location"]
     patch = {**user.auth, **TUS, "Content-Type": "application/offset+octet-stream"}

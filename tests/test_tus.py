@@ -17,7 +17,17 @@ from pathlib import Path
 import asyncpg
 import httpx
 import pytest
-from conftest import Server, User, assert_problem, make_settings, make_user, mediad_process, serve_in_thread, wait_for
+from conftest import (
+    Server,
+    User,
+    assert_problem,
+    make_settings,
+    make_user,
+    mediad_process,
+    serve_in_thread,
+    tus_metadata,
+    wait_for,
+)
 from tusclient.client import TusClient
 
 from mediad.cleanup import sweep
@@ -30,13 +40,9 @@ MiB = 1024 * 1024
 TUS = {"Tus-Resumable": "1.0.0"}
 
 
-def metadata(**values: str) -> str:
-    return ",".join(f"{k} {base64.b64encode(v.encode()).decode()}" for k, v in values.items())
-
-
 async def create(http: httpx.AsyncClient, user: User, length: int, **meta: str) -> str:
     response = await http.post("/uploads", headers={**user.auth, **TUS, "Upload-Length": str(length),
-                                                    "Upload-Metadata": metadata(**(meta or {"filename": "a.bin"}))})
+                                                    "Upload-Metadata": tus_metadata(**(meta or {"filename": "a.bin"}))})
     assert response.status_code == 201, response.text
     assert response.headers["tus-resumable"] == "1.0.0" and response.headers["upload-expires"]
     return response.headers["location"]
@@ -87,7 +93,7 @@ async def test_options_discovery_needs_no_token(client: httpx.AsyncClient) -> No
 async def test_creation_with_upload_and_patches_complete_a_file(client: httpx.AsyncClient, user: User) -> None:
     data = os.urandom(300_000)
     response = await client.post("/uploads", content=data[:100_000], headers={
-        **user.auth, **TUS, "Upload-Length": str(len(data)), "Upload-Metadata": metadata(filename="x.bin"),
+        **user.auth, **TUS, "Upload-Length": str(len(data)), "Upload-Metadata": tus_metadata(filename="x.bin"),
         "Content-Type": "application/offset+octet-stream"})
     assert response.status_code == 201 and response.headers["upload-offset"] == "100000"
     location = response.headers["location"]
@@ -104,7 +110,7 @@ async def test_media_types_match_case_insensitively(client: httpx.AsyncClient, u
     """RFC 9110 §8.3.1: type and subtype are case-insensitive, parameters may follow."""
     data = os.urandom(3000)
     response = await client.post("/uploads", content=data[:1000], headers={
-        **user.auth, **TUS, "Upload-Length": "3000", "Upload-Metadata": metadata(filename="c.bin"),
+        **user.auth, **TUS, "Upload-Length": "3000", "Upload-Metadata": tus_metadata(filename="c.bin"),
         "Content-Type": "Application/Offset+Octet-Stream"})
     assert response.status_code == 201 and response.headers["upload-offset"] == "1000"
     answers = [await patch(client, user, response.headers["location"], start, data[start:start + 1000],
@@ -118,7 +124,7 @@ async def test_media_types_match_case_insensitively(client: httpx.AsyncClient, u
 
 async def test_zero_length_upload_is_a_file_at_once(client: httpx.AsyncClient, user: User) -> None:
     response = await client.post("/uploads", headers={**user.auth, **TUS, "Upload-Length": "0",
-                                                      "Upload-Metadata": metadata(filename="empty.txt")})
+                                                      "Upload-Metadata": tus_metadata(filename="empty.txt")})
     assert response.status_code == 201 and response.headers["upload-offset"] == "0"
     file = (await client.get(f"/files/{response.headers['mediad-file-id']}", headers=user.auth)).json()
     assert file["size"] == 0 and file["sha256"] == hashlib.sha256(b"").hexdigest()
@@ -202,18 +208,19 @@ async def test_racing_patches_never_interleave(server: Server, client: httpx.Asy
 
 async def test_bad_requests_get_clear_answers(client: httpx.AsyncClient, user: User, other_user: User) -> None:
     no_version = await client.post("/uploads", headers={**user.auth, "Upload-Length": "5",
-                                                        "Upload-Metadata": metadata(filename="a")})
+                                                        "Upload-Metadata": tus_metadata(filename="a")})
     assert_problem(no_version, 412)
     assert no_version.headers["tus-version"] == "1.0.0"
 
     def post(**headers: str) -> object:
         return client.post("/uploads", headers={**user.auth, **TUS, **headers})
 
-    assert_problem(await post(**{"Upload-Metadata": metadata(filename="a")}), 400)  # no Upload-Length
+    assert_problem(await post(**{"Upload-Metadata": tus_metadata(filename="a")}), 400)  # no Upload-Length
     assert_problem(await post(**{"Upload-Length": "5"}), 400)  # no filename
     assert_problem(await post(**{"Upload-Length": "5", "Upload-Metadata": "filename !!notbase64"}), 400)
-    assert_problem(await post(**{"Upload-Length": str(10**15), "Upload-Metadata": metadata(filename="a")}), 413)
-    assert_problem(await post(**{"Upload-Length": "5", "Upload-Metadata": metadata(filename="a", path="rel/x")}), 422)
+    assert_problem(await post(**{"Upload-Length": str(10**15), "Upload-Metadata": tus_metadata(filename="a")}), 413)
+    relative = tus_metadata(filename="a", path="rel/x")
+    assert_problem(await post(**{"Upload-Length": "5", "Upload-Metadata": relative}), 422)
     unauthorized = await client.post("/uploads", headers={**TUS, "Upload-Length": "5"})
     assert_problem(unauthorized, 401)
     assert unauthorized.headers["tus-resumable"] == "1.0.0"
