@@ -105,8 +105,10 @@ async def test_b_finishes_a_s_jobs_on_one_data_dir(nodes: NodeFactory, fault_dat
     assert a.node_id() == b.node_id()
     done, auth = await _upload_many(a.url, 6, 256 * 1024)
     await wait_until(lambda: _all_leased(fault_database, 6), 10, "A's pushes in flight", interval=0.05)
-    a.kill()
+    # A's leases, read while A holds them (B must wait at least this long for each). Read after the
+    # kill, on a loaded machine they could already have run out and be B's own.
     stranded = await _leased(fault_database)
+    a.kill()
     assert len(stranded) == 6 and (await cloud.stats())["stored_keys"] == {}, "A's PUTs are cut in their delay"
 
     took = await wait_drained(fault_database, timeout=30)
