@@ -1374,7 +1374,7 @@ async def section_tus(run: Run) -> None:
     rounds = ", ".join(f"{p['mib_s']:,.0f} / {t['mib_s']:,.0f}" for p, t in zip(plain, resumable, strict=True))
     report.figure(f"{gib} plain PUT (same run, for tus; median of {TUS_ROUNDS})", put_mib_s, "MiB/s")
     report.figure(f"{gib} tus upload in {TUS_CHUNK // MiB} MiB PATCHes (median of {TUS_ROUNDS})", tus_mib_s, "MiB/s")
-    report.note(f"{gib} PUT / tus, MiB/s, round by round (tus first in rounds 2, 4, 6)", rounds)
+    report.note(f"{gib} PUT / tus, MiB/s, round by round (tus first in the even-numbered ones)", rounds)
     report.note(f"{gib} tus / PUT, round by round", ", ".join(
         f"{100 * t['mib_s'] / p['mib_s']:.0f}%" for p, t in zip(plain, resumable, strict=True)))
     report.note("what a PATCH costs whatever its size (1-byte PATCHes, p50)",
