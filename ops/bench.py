@@ -1287,8 +1287,9 @@ def run_header(argv: list[str], database_url: str | None) -> str:
 TUS_CHUNK = 16 * MiB
 
 
-async def tus_upload(server: Server, client: httpx.AsyncClient, buf: bytes, size: int) -> Result:
-    """`size` bytes through /uploads in TUS_CHUNK PATCHes, each streamed in 1 MiB pieces."""
+async def tus_upload(server: Server, client: httpx.AsyncClient, buf: bytes, size: int,
+                     chunk: int = TUS_CHUNK) -> Result:
+    """`size` bytes through /uploads in `chunk`-sized PATCHes, each streamed in 1 MiB pieces."""
     want = await asyncio.to_thread(expected_sha256, buf, size)
     metadata = "filename " + base64.b64encode(b"tus.bin").decode()
     tus = {**server.headers, "Tus-Resumable": "1.0.0"}
@@ -1299,7 +1300,7 @@ async def tus_upload(server: Server, client: httpx.AsyncClient, buf: bytes, size
                                                          "Upload-Metadata": metadata})
         location, offset, file_id = created.headers["location"], 0, None
         while offset < size:
-            length = min(TUS_CHUNK, size - offset)
+            length = min(chunk, size - offset)
             answer = await client.patch(location, content=_buffer_chunks(buf, length), headers={
                 **tus, "Upload-Offset": str(offset), "Content-Type": "application/offset+octet-stream",
                 "Content-Length": str(length)})
@@ -1345,6 +1346,20 @@ async def small_patch_latency(server: Server, client: httpx.AsyncClient) -> dict
 
 
 TUS_ROUNDS = 6  # PUT and tus alternate: a VM's write speed drifts by ±30 % within a minute
+TUS_LARGE_CHUNK, TUS_LARGE_ROUNDS = 64 * MiB, 2  # what larger PATCHes change, for the record
+
+
+async def _paired_round(server: Server, client: httpx.AsyncClient, buf: bytes, size: int, i: int,
+                        chunk: int) -> tuple[Result, Result]:
+    """A plain PUT and the same bytes through tus in `chunk` PATCHes; tus goes first when `i` is
+    odd, so that a speed that drifts favours neither. New paths: a replace would delete a blob
+    during the next upload."""
+    put = upload(server, client, "PUT", f"/files?path=/bench/plain-for-tus-{chunk // MiB}-{i}.bin", buf, size)
+    if i % 2:
+        resumable = await tus_upload(server, client, buf, size, chunk)
+        return await put, resumable
+    plain = await put
+    return plain, await tus_upload(server, client, buf, size, chunk)
 
 
 async def section_tus(run: Run) -> None:
@@ -1360,14 +1375,11 @@ async def section_tus(run: Run) -> None:
         # Not counted: on a VM the first big write after a quiet spell runs up to twice as fast
         # as the ones after it, which would favour whichever upload came first.
         await upload(server, client, "PUT", "/files?path=/bench/tus-warm-up.bin", buf, size)
-        for i in range(TUS_ROUNDS):  # new paths: a replace would delete a blob during the next upload
-            put = upload(server, client, "PUT", f"/files?path=/bench/plain-for-tus-{i}.bin", buf, size)
-            if i % 2:  # every other round tus goes first: a speed that drifts then favours neither
-                resumable.append(await tus_upload(server, client, buf, size))
-                plain.append(await put)
-            else:
-                plain.append(await put)
-                resumable.append(await tus_upload(server, client, buf, size))
+        for i in range(TUS_ROUNDS):
+            put, tus = await _paired_round(server, client, buf, size, i, TUS_CHUNK)
+            plain.append(put)
+            resumable.append(tus)
+        large = [await _paired_round(server, client, buf, size, i, TUS_LARGE_CHUNK) for i in range(TUS_LARGE_ROUNDS)]
         small = await small_patch_latency(server, client)
     put_mib_s = statistics.median(r["mib_s"] for r in plain)
     tus_mib_s = statistics.median(r["mib_s"] for r in resumable)
@@ -1377,6 +1389,8 @@ async def section_tus(run: Run) -> None:
     report.note(f"{gib} PUT / tus, MiB/s, round by round (tus first in the even-numbered ones)", rounds)
     report.note(f"{gib} tus / PUT, round by round", ", ".join(
         f"{100 * t['mib_s'] / p['mib_s']:.0f}%" for p, t in zip(plain, resumable, strict=True)))
+    report.note(f"{gib} tus / PUT with {TUS_LARGE_CHUNK // MiB} MiB PATCHes, round by round",
+                ", ".join(f"{100 * t['mib_s'] / p['mib_s']:.0f}%" for p, t in large))
     report.note("what a PATCH costs whatever its size (1-byte PATCHes, p50)",
                 f"{small['patch_ms']:.2f} ms; an authenticated HEAD of the upload {small['head_ms']:.2f} ms")
     report.note(f"{gib} tus upload: server CPU",
