@@ -231,7 +231,6 @@ class BlobWriter:
         self._head = bytearray()
         self._batch: list[bytes] = []
         self._batch_bytes = 0
-        self._batch_limit = _FIRST_BATCH_BYTES
         self._next_free_check = _FREE_CHECK_EVERY
         self._loop = asyncio.get_running_loop()
         self._budget = _budget(self._loop)
@@ -271,9 +270,11 @@ class BlobWriter:
             self._storage.check_reserve(0)
         self._batch.append(chunk)
         self._batch_bytes += len(chunk)
-        if self._batch_bytes >= self._batch_limit:
+        limit = self._budget.batch_bytes()
+        if self.size == self._batch_bytes:  # nothing handed over yet
+            limit = min(limit, _FIRST_BATCH_BYTES)
+        if self._batch_bytes >= limit:
             await self._flush()
-            self._batch_limit = self._budget.batch_bytes()
 
     async def finish(self) -> Blob:
         if self._batch:
