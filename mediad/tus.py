@@ -9,6 +9,7 @@ goes through `uploads.commit_upload`, the same path as every other upload.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import email.utils
@@ -19,7 +20,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import sqlalchemy as sa
@@ -31,6 +32,7 @@ from starlette.responses import JSONResponse, Response
 from . import db, quotas
 from .auth import authenticate
 from .cloud import Replicator
+from .config import Settings
 from .errors import (
     DATABASE_UNAVAILABLE,
     BadRequest,
@@ -57,7 +59,8 @@ TUS_VERSION = "1.0.0"
 EXTENSIONS = "creation,creation-with-upload,termination,checksum,expiration"
 CHECKSUMS: dict[str, Callable[[], Any]] = {"sha1": hashlib.sha1, "sha256": hashlib.sha256, "md5": hashlib.md5}
 OFFSET_STREAM = "application/offset+octet-stream"
-_LOCK_S = 60.0
+
+T = TypeVar("T")
 
 uploads = db.uploads
 Hasher = Any  # a hashlib object
@@ -123,22 +126,78 @@ _ASYNC_COMMIT = sa.select(sa.func.set_config("synchronous_commit", "off", True))
 
 # Built once: built per call, a claim and an offset record took 5.1 ms together on an idle
 # database, 1.7 ms prebuilt (SQLAlchemy builds, keys and looks up a statement every time).
+_LEASE_END = sa.func.now() + sa.func.make_interval(0, 0, 0, 0, 0, 0, sa.bindparam("lease_s", type_=sa.Float))
 _CLAIM = (sa.update(uploads)
           .where(uploads.c.id == sa.bindparam("upload_id"), uploads.c.owner_id == sa.bindparam("claimant"), _live,
                  sa.or_(uploads.c.lock_until.is_(None), uploads.c.lock_until < sa.func.now()), _ASYNC_COMMIT == "off")
-          .values(lock_until=sa.func.now() + sa.func.make_interval(0, 0, 0, 0, 0, 0, _LOCK_S))
+          .values(lock_until=_LEASE_END)
           .returning(*uploads.c))
+# Renews a held claim and leaves a released one released, so that it matches no row only when the
+# upload is gone: the keeper may run just after the statement that released the claim.
+_RENEW = (sa.update(uploads)
+          .where(uploads.c.id == sa.bindparam("upload_id"), _live, _ASYNC_COMMIT == "off")
+          .values(lock_until=sa.case((uploads.c.lock_until.is_(None), None), else_=_LEASE_END)))
 _CLAIM_WITH_ROOM = _CLAIM.returning(*quotas.room_columns(uploads.c.owner_id, uploads.c.path))
 _RECORD_OFFSET = (sa.update(uploads)  # and release the claim
                   .where(uploads.c.id == sa.bindparam("upload_id"), uploads.c.offset == sa.bindparam("from_offset"))
                   .values(offset=sa.bindparam("to_offset"), lock_until=None))
 
 
-async def _claim(conn: AsyncConnection, upload_id: uuid.UUID, owner_id: uuid.UUID, *,
+def lease_s(settings: Settings) -> float:
+    """How long a claim lasts unless renewed: twice the longest silence a live body may keep
+    (MEDIAD_BODY_TIMEOUT_S), so a stalled client frees the upload within a minute by default."""
+    return 2 * settings.body_timeout_s
+
+
+async def _claim(conn: AsyncConnection, upload_id: uuid.UUID, owner_id: uuid.UUID, lease: float, *,
                  with_room: bool = False) -> Row[Any] | None:
     """Lease the upload to this request: its row, and with `with_room` the owner's quota room."""
     statement = _CLAIM_WITH_ROOM if with_room else _CLAIM
-    return (await conn.execute(statement, {"upload_id": upload_id, "claimant": owner_id})).first()
+    return (await conn.execute(statement, {"upload_id": upload_id, "claimant": owner_id, "lease_s": lease})).first()
+
+
+async def _holding(reader: AsyncEngine, upload_id: uuid.UUID, lease: float, claimed_at: float,
+                   work: Callable[[], Awaitable[T]]) -> T:
+    """`work()` under a claim renewed every sixth of its length. A PATCH can outlast any fixed
+    lease (a slow link, a large chunk); once its lease ran out a retry could claim the upload and
+    write the same bytes, and either one's undo would cut off the other's. So if the upload is gone,
+    or half the lease passed without a renewal, `work` is cancelled instead."""
+    lost: list[MediaError] = []
+    done = anyio.Event()
+    with anyio.CancelScope() as scope:
+        keeper = asyncio.create_task(_keep(reader, upload_id, lease, claimed_at, done, scope, lost))
+        try:
+            return await work()
+        finally:
+            done.set()
+            with anyio.CancelScope(shield=True):
+                await keeper  # never cancelled mid-statement: that can leave a pooled connection broken
+    raise lost[0]  # reached only when the keeper cancelled `work`
+
+
+async def _keep(reader: AsyncEngine, upload_id: uuid.UUID, lease: float, held_from: float, done: anyio.Event,
+                scope: anyio.CancelScope, lost: list[MediaError]) -> None:
+    while True:
+        with anyio.move_on_after(lease / 6):
+            await done.wait()
+        if done.is_set():
+            return
+        started = time.monotonic()
+        try:  # a statement that hangs gives up after the engine's command timeout
+            async with reader.connect() as conn:
+                renewed = (await conn.execute(_RENEW, {"upload_id": upload_id, "lease_s": lease})).rowcount == 1
+        except DATABASE_UNAVAILABLE:
+            if time.monotonic() - held_from < lease / 2:
+                continue  # try again; half the lease is left to stop in
+            lost.append(ServiceUnavailable("the database stopped answering, so this PATCH could not keep its "
+                                           "hold on the upload", retry_after=5))
+        else:
+            if renewed:
+                held_from = started
+                continue
+            lost.append(NotFound("no such upload (it expired)"))
+        scope.cancel()
+        return
 
 
 # ---- the protocol -------------------------------------------------------------------------------
@@ -249,7 +308,7 @@ async def terminate(request: Request) -> Response:
     owner_id = await authenticate(request)
     upload_id = parse_file_id(request.path_params["upload_id"])
     async with state.engine.begin() as conn:
-        row = await _claim(conn, upload_id, owner_id)
+        row = await _claim(conn, upload_id, owner_id, lease_s(state.settings))
         if row is None:
             raise (Locked("a PATCH is writing this upload") if await _visible(conn, upload_id, owner_id)
                    else NotFound("no such upload"))
@@ -307,15 +366,16 @@ async def _patch(request: Request, upload_id: uuid.UUID, owner_id: uuid.UUID, *,
     """Claim the upload, append the body at `offset`, make it durable; → (offset, File id if done)."""
     state = request.app.state
     storage: Storage = state.storage
+    lease = lease_s(state.settings)
     # Single statements in autocommit: the claim (with the quota room), and on success one UPDATE
     # that records the new offset and releases the claim together: two round trips to the database
     # and one durable commit per PATCH (the token check is the lookup cache's when it can be).
+    claimed_at = time.monotonic()
     async with state.reader.connect() as conn:
-        row = await _claim(conn, upload_id, owner_id, with_room=True)
+        row = await _claim(conn, upload_id, owner_id, lease, with_room=True)
         if row is None:
             raise (Locked("another PATCH is writing this upload; retry when it is done")
                    if await _visible(conn, upload_id, owner_id) else NotFound("no such upload (or it expired)"))
-    released = False
     try:
         if row.node != storage.node_id:
             raise ServiceUnavailable("this upload's bytes are on another mediad node", retry_after=5)
@@ -325,27 +385,34 @@ async def _patch(request: Request, upload_id: uuid.UUID, owner_id: uuid.UUID, *,
             raise Conflict(f"Upload-Offset is {offset} but the upload is at {row.offset}")
         # Other uploads may have used the room since creation: refuse before taking more bytes.
         quotas.Room.from_row(row).check(row.length)
-        hashes: Hashes = state.tus_hashers
-        writer, cut = await _append(request, storage, hashes, row, checksum)
-        new_offset = row.offset + writer.size
-        if new_offset == row.length and not cut:
-            file_id = await _complete(state.engine, storage, state.replicator, row, writer.sha256, state.prober)
-            hashes.drop(row.id)
-            released = True  # the File's transaction released the claim
-            return new_offset, file_id
-        async with state.reader.connect() as conn:
-            recorded = await conn.execute(_RECORD_OFFSET, {"upload_id": row.id, "from_offset": row.offset,
-                                                           "to_offset": new_offset})
-        released = True  # the statement that recorded the new offset released the claim
-        if recorded.rowcount != 1:  # expired and swept while this PATCH wrote
-            raise NotFound("no such upload (it expired)")
-        hashes.put(row.id, new_offset, writer.sha256, row.expires_at)
-        return new_offset, None
-    finally:
-        if not released:
-            with anyio.CancelScope(shield=True):
-                async with state.reader.connect() as conn:
-                    await conn.execute(sa.update(uploads).where(uploads.c.id == upload_id).values(lock_until=None))
+        return await _holding(state.reader, row.id, lease, claimed_at,
+                              lambda: _append_and_record(request, row, checksum))
+    except BaseException:
+        # Also after the claim was released (an upload swept meanwhile; cleanup once the File
+        # exists): a claim taken since then is on a finished or missing upload, so nothing writes.
+        with anyio.CancelScope(shield=True):
+            async with state.reader.connect() as conn:
+                await conn.execute(sa.update(uploads).where(uploads.c.id == upload_id).values(lock_until=None))
+        raise
+
+
+async def _append_and_record(request: Request, row: Row[Any],
+                             checksum: tuple[str, bytes] | None) -> tuple[int, uuid.UUID | None]:
+    state = request.app.state
+    hashes: Hashes = state.tus_hashers
+    writer, cut = await _append(request, state.storage, hashes, row, checksum)
+    new_offset = row.offset + writer.size
+    if new_offset == row.length and not cut:
+        file_id = await _complete(state.engine, state.storage, state.replicator, row, writer.sha256, state.prober)
+        hashes.drop(row.id)
+        return new_offset, file_id  # the File's transaction released the claim
+    async with state.reader.connect() as conn:  # and this statement releases it
+        recorded = await conn.execute(_RECORD_OFFSET, {"upload_id": row.id, "from_offset": row.offset,
+                                                       "to_offset": new_offset})
+    if recorded.rowcount != 1:  # expired and swept while this PATCH wrote
+        raise NotFound("no such upload (it expired)")
+    hashes.put(row.id, new_offset, writer.sha256, row.expires_at)
+    return new_offset, None
 
 
 async def _append(request: Request, storage: Storage, hashes: Hashes, row: Row[Any],

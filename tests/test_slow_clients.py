@@ -27,6 +27,7 @@ from conftest import (
     read_response,
     request_head,
     serve_in_thread,
+    tus_metadata,
 )
 
 MiB = 1024 * 1024
@@ -175,6 +176,67 @@ async def test_a_slow_but_steady_upload_is_not_cut_off(guarded: Server, http: ht
     assert status_line.startswith(b"HTTP/1.1 201"), status_line
     stored = (await http.get("/download", params={"path": "/steady.bin"}, headers=user.auth)).content
     assert hashlib.sha256(stored).hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+TUS = {"Tus-Resumable": "1.0.0"}
+
+
+async def tus_upload(http: httpx.AsyncClient, user: User, length: int) -> str:
+    response = await http.post("/uploads", headers={**user.auth, **TUS, "Upload-Length": str(length),
+                                                    "Upload-Metadata": tus_metadata(filename="slow.bin")})
+    assert response.status_code == 201, response.text
+    return response.headers["location"]
+
+
+def tus_patch_headers(user: User, offset: int) -> dict[str, str]:
+    return {**user.auth, **TUS, "Upload-Offset": str(offset), "Content-Type": "application/offset+octet-stream"}
+
+
+async def test_a_tus_patch_that_outlasts_its_lease_still_holds_the_upload(guarded: Server,
+                                                                         http: httpx.AsyncClient) -> None:
+    """A PATCH's claim lasts 2 × MEDIAD_BODY_TIMEOUT_S and is renewed while the PATCH runs: one
+    that streams for three lease lengths still makes a racing PATCH get 423, then completes."""
+    user = await make_user(http)
+    chunks = [os.urandom(16 * 1024) for _ in range(15)]
+    data = b"".join(chunks)
+    location = await tus_upload(http, user, len(data))
+    rival_answers: list[httpx.Response] = []
+
+    async def slow_body() -> AsyncIterator[bytes]:
+        for i, chunk in enumerate(chunks):
+            yield chunk
+            await asyncio.sleep(BODY_TIMEOUT * 0.4)  # 6 s in all
+            if i in (6, 13):  # 2.8 s and 5.6 s in: past one and two unrenewed leases
+                rival_answers.append(await http.patch(location, content=b"x", headers=tus_patch_headers(user, 0)))
+
+    async with httpx.AsyncClient(base_url=guarded.url, timeout=30) as slow:
+        first = await slow.patch(location, content=slow_body(), headers=tus_patch_headers(user, 0))
+    assert first.status_code == 204, first.text
+    assert [answer.status_code for answer in rival_answers] == [423, 423]
+    assert_problem(rival_answers[0], 423)
+    file = (await http.get(f"/files/{first.headers['mediad-file-id']}", headers=user.auth)).json()
+    assert file["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+async def test_a_silent_tus_patch_ends_keeping_its_bytes_and_frees_the_upload(guarded: Server,
+                                                                            http: httpx.AsyncClient) -> None:
+    user = await make_user(http)
+    data = os.urandom(3 * MiB)
+    location = await tus_upload(http, user, len(data))
+    async with raw_connection(guarded) as (reader, writer):
+        writer.write(request_head("PATCH", location, {**tus_patch_headers(user, 0), "Content-Length": str(len(data))}))
+        writer.write(data[:MiB])  # a third of the promised body, then nothing
+        assert_problem(await read_answer(reader), 408)
+    for _ in range(100):  # the server records what arrived just after its 408 went out
+        offset = (await http.head(location, headers={**user.auth, **TUS})).headers["upload-offset"]
+        if offset != "0":
+            break
+        await asyncio.sleep(0.05)
+    assert offset == str(MiB)
+    rest = await http.patch(location, content=data[MiB:], headers=tus_patch_headers(user, MiB))
+    assert rest.status_code == 204, rest.text  # not 423: the stalled PATCH let go of the upload
+    file = (await http.get(f"/files/{rest.headers['mediad-file-id']}", headers=user.auth)).json()
+    assert file["sha256"] == hashlib.sha256(data).hexdigest()
 
 
 def open_blobs(server: Server) -> list[str]:
