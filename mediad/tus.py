@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import email.utils
 import hashlib
 import os
@@ -100,7 +101,8 @@ def _int_header(request: Request, name: str) -> int | None:
     value = request.headers.get(name)
     if value is None:
         return None
-    if not value.strip().isdigit():
+    value = value.strip()
+    if not (value.isascii() and value.isdigit()):  # "²".isdigit() is true, and int("²") fails
         raise BadRequest(f"{name} must be a non-negative integer")
     return int(value)
 
@@ -123,6 +125,7 @@ async def _visible(conn: AsyncConnection, upload_id: uuid.UUID, owner_id: uuid.U
 # recovery frees the leases of the dead. So the claim commits asynchronously (set for its own
 # transaction only); what must survive a crash, the offset, is recorded by a durable commit.
 _ASYNC_COMMIT = sa.select(sa.func.set_config("synchronous_commit", "off", True)).scalar_subquery()
+_DURABLE_COMMIT = sa.select(sa.func.set_config("synchronous_commit", "on", True))
 
 # Built once: built per call, a claim and an offset record took 5.1 ms together on an idle
 # database, 1.7 ms prebuilt (SQLAlchemy builds, keys and looks up a statement every time).
@@ -132,11 +135,9 @@ _CLAIM = (sa.update(uploads)
                  sa.or_(uploads.c.lock_until.is_(None), uploads.c.lock_until < sa.func.now()), _ASYNC_COMMIT == "off")
           .values(lock_until=_LEASE_END)
           .returning(*uploads.c))
-# Renews a held claim and leaves a released one released, so that it matches no row only when the
-# upload is gone: the keeper may run just after the statement that released the claim.
 _RENEW = (sa.update(uploads)
           .where(uploads.c.id == sa.bindparam("upload_id"), _live, _ASYNC_COMMIT == "off")
-          .values(lock_until=sa.case((uploads.c.lock_until.is_(None), None), else_=_LEASE_END)))
+          .values(lock_until=_LEASE_END))
 _CLAIM_WITH_ROOM = _CLAIM.returning(*quotas.room_columns(uploads.c.owner_id, uploads.c.path))
 _RECORD_OFFSET = (sa.update(uploads)  # and release the claim
                   .where(uploads.c.id == sa.bindparam("upload_id"), uploads.c.offset == sa.bindparam("from_offset"))
@@ -243,6 +244,8 @@ async def create(request: Request) -> Response:
         raise BadRequest("Upload-Metadata must carry a filename")
     path = clean_path(metadata["path"]) if metadata.get("path") else None
     name, path = place(path, metadata["filename"])
+    header = request.headers.get("upload-checksum")
+    checksum = parse_checksum(header) if header else None
     state.storage.check_reserve(length)
     (await quotas.room(state.reader, owner_id, path)).check(length)
 
@@ -260,7 +263,14 @@ async def create(request: Request) -> Response:
     headers = {"Location": f"/uploads/{upload_id}", "Upload-Expires": _http_date(expires_at)}
     body_follows = media_type(request.headers.get("content-type")) == OFFSET_STREAM
     if body_follows or length == 0:
-        offset, file_id = await _patch(request, upload_id, owner_id, offset=0, checksum=None)
+        try:
+            offset, file_id = await _patch(request, upload_id, owner_id, offset=0, checksum=checksum)
+        except BaseException:  # the client never learnt where the upload is: it could not resume it
+            with anyio.CancelScope(shield=True), contextlib.suppress(*DATABASE_UNAVAILABLE):
+                async with state.engine.begin() as conn:
+                    await conn.execute(sa.delete(uploads).where(uploads.c.id == upload_id))
+                await _discard_bytes(state.storage, state.tus_hashers, upload_id)
+            raise
         headers["Upload-Offset"] = str(offset)
         if file_id is not None:
             headers["Mediad-File-Id"] = str(file_id)
@@ -312,10 +322,16 @@ async def terminate(request: Request) -> Response:
         if row is None:
             raise (Locked("a PATCH is writing this upload") if await _visible(conn, upload_id, owner_id)
                    else NotFound("no such upload"))
+        await conn.execute(_DURABLE_COMMIT)  # the claim made this transaction's commit asynchronous
         await conn.execute(sa.delete(uploads).where(uploads.c.id == upload_id))
-    state.tus_hashers.drop(upload_id)
-    await anyio.to_thread.run_sync(state.storage.remove_partial, upload_id)
+    await _discard_bytes(state.storage, state.tus_hashers, upload_id)
     return Response(status_code=204)
+
+
+async def _discard_bytes(storage: Storage, hashes: Hashes, upload_id: uuid.UUID) -> None:
+    """What an upload whose row is gone leaves: its cached hash and its partial file."""
+    hashes.drop(upload_id)
+    await anyio.to_thread.run_sync(storage.remove_partial, upload_id)
 
 
 async def _find(request: Request) -> Row[Any]:
@@ -379,16 +395,20 @@ async def _patch(request: Request, upload_id: uuid.UUID, owner_id: uuid.UUID, *,
     try:
         if row.node != storage.node_id:
             raise ServiceUnavailable("this upload's bytes are on another mediad node", retry_after=5)
-        if row.file_id is not None or row.offset == row.length and row.length > 0:
+        if row.file_id is not None:
             raise Conflict("this upload is complete")
         if offset != row.offset:
             raise Conflict(f"Upload-Offset is {offset} but the upload is at {row.offset}")
         # Other uploads may have used the room since creation: refuse before taking more bytes.
         quotas.Room.from_row(row).check(row.length)
-        return await _holding(state.reader, row.id, lease, claimed_at,
-                              lambda: _append_and_record(request, row, checksum))
+        hashes: Hashes = state.tus_hashers
+        # Only the writing needs the keeper: what follows is short, and an offset record or the
+        # File's transaction must not be cancelled halfway.
+        writer = await _holding(state.reader, row.id, lease, claimed_at,
+                                lambda: _append(request, storage, hashes, row, checksum))
+        return await _conclude(request, hashes, row, writer)
     except BaseException:
-        # Also after the claim was released (an upload swept meanwhile; cleanup once the File
+        # Also after the claim was released (an upload swept meanwhile, or a failure once the File
         # exists): a claim taken since then is on a finished or missing upload, so nothing writes.
         with anyio.CancelScope(shield=True):
             async with state.reader.connect() as conn:
@@ -396,17 +416,18 @@ async def _patch(request: Request, upload_id: uuid.UUID, owner_id: uuid.UUID, *,
         raise
 
 
-async def _append_and_record(request: Request, row: Row[Any],
-                             checksum: tuple[str, bytes] | None) -> tuple[int, uuid.UUID | None]:
+async def _conclude(request: Request, hashes: Hashes, row: Row[Any],
+                    writer: BlobWriter) -> tuple[int, uuid.UUID | None]:
+    """The appended bytes count from here: as the File if they end the upload (a body whose
+    framing was cut off after its last byte included), else as the new offset; either way the
+    statement that records them releases the claim."""
     state = request.app.state
-    hashes: Hashes = state.tus_hashers
-    writer, cut = await _append(request, state.storage, hashes, row, checksum)
     new_offset = row.offset + writer.size
-    if new_offset == row.length and not cut:
+    if new_offset == row.length:
         file_id = await _complete(state.engine, state.storage, state.replicator, row, writer.sha256, state.prober)
         hashes.drop(row.id)
-        return new_offset, file_id  # the File's transaction released the claim
-    async with state.reader.connect() as conn:  # and this statement releases it
+        return new_offset, file_id
+    async with state.reader.connect() as conn:
         recorded = await conn.execute(_RECORD_OFFSET, {"upload_id": row.id, "from_offset": row.offset,
                                                        "to_offset": new_offset})
     if recorded.rowcount != 1:  # expired and swept while this PATCH wrote
@@ -416,9 +437,9 @@ async def _append_and_record(request: Request, row: Row[Any],
 
 
 async def _append(request: Request, storage: Storage, hashes: Hashes, row: Row[Any],
-                  checksum: tuple[str, bytes] | None) -> tuple[BlobWriter, bool]:
-    """The body onto the partial file at the upload's offset, durably; → (the finished writer,
-    whether the client cut the body off). A chunk that fails its checksum leaves nothing."""
+                  checksum: tuple[str, bytes] | None) -> BlobWriter:
+    """The body onto the partial file at the upload's offset, durably; → the finished writer.
+    A body cut off keeps what arrived; a chunk that fails its checksum leaves nothing."""
     whole = (await _whole_hasher(storage, hashes, row)).copy()  # the cached one changes only on success
     chunk_hasher = CHECKSUMS[checksum[0]]() if checksum else None
     writer = BlobWriter.append(storage, storage.partial_path(row.id), row.offset,
@@ -431,7 +452,7 @@ async def _append(request: Request, storage: Storage, hashes: Hashes, row: Row[A
             async for chunk in request.stream():
                 await writer.write(chunk)
         except ClientDisconnect:
-            cut = True  # keep what arrived (unless it cannot be verified against a checksum)
+            cut = True
         if chunk_hasher is not None and checksum is not None and cut:
             raise BadRequest("the body was cut off, so its Upload-Checksum cannot be verified")
         await writer.finish()  # fsynced: an acknowledged offset is a durable offset
@@ -440,7 +461,7 @@ async def _append(request: Request, storage: Storage, hashes: Hashes, row: Row[A
     except BaseException:
         await writer.abort()  # the partial file is cut back to the recorded offset
         raise
-    return writer, cut
+    return writer
 
 
 async def _complete(engine: AsyncEngine, storage: Storage, replicator: Replicator | None, row: Row[Any],

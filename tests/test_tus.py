@@ -152,6 +152,50 @@ async def test_a_patch_cut_off_keeps_the_bytes_that_arrived(server: Server, clie
     assert file["sha256"] == hashlib.sha256(data).hexdigest()
 
 
+async def test_a_last_chunk_whose_framing_is_cut_off_still_makes_the_file(server: Server, client: httpx.AsyncClient,
+                                                                          user: User) -> None:
+    """Every byte of the upload arrived, only the chunked body's final zero-length chunk did not:
+    the upload is complete, so it becomes a File (not an upload stuck at its full length)."""
+    data = os.urandom(100_000)
+    location = await create(client, user, len(data))
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall((f"PATCH {location} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {user.token}\r\n"
+                      f"Tus-Resumable: 1.0.0\r\nUpload-Offset: 0\r\nContent-Type: application/offset+octet-stream\r\n"
+                      f"Transfer-Encoding: chunked\r\n\r\n{len(data):x}\r\n").encode() + data + b"\r\n")
+        await asyncio.sleep(0.3)
+
+    async def finished() -> bool:
+        return (await client.get(location, headers=user.auth)).json()["file_id"] is not None
+
+    await wait_for(finished, what="the upload to become a File")
+    file_id = (await client.get(location, headers=user.auth)).json()["file_id"]
+    file = (await client.get(f"/files/{file_id}", headers=user.auth)).json()
+    assert file["sha256"] == hashlib.sha256(data).hexdigest() and file["size"] == len(data)
+
+
+async def test_creation_with_upload_verifies_its_checksum_and_leaves_nothing_when_refused(
+        server: Server, client: httpx.AsyncClient, user: User) -> None:
+    data = os.urandom(5000)
+
+    def post(checksum: bytes) -> object:
+        return client.post("/uploads", content=data[:1000], headers={
+            **user.auth, **TUS, "Upload-Length": str(len(data)), "Upload-Metadata": tus_metadata(filename="k.bin"),
+            "Content-Type": "application/offset+octet-stream",
+            "Upload-Checksum": f"sha256 {base64.b64encode(checksum).decode()}"})
+
+    refused = await post(hashlib.sha256(b"other").digest())
+    assert_problem(refused, 460)
+    assert "location" not in refused.headers and server.partial_files() == []
+    conn = await asyncpg.connect(server.database_url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM uploads WHERE owner_id = $1", uuid.UUID(user.id)) == 0
+    finally:
+        await conn.close()
+    accepted = await post(hashlib.sha256(data[:1000]).digest())
+    assert accepted.status_code == 201 and accepted.headers["upload-offset"] == "1000"
+
+
 async def test_checksums_are_verified_per_chunk(client: httpx.AsyncClient, user: User) -> None:
     data = os.urandom(200_000)
     location = await create(client, user, len(data))
@@ -219,6 +263,10 @@ async def test_bad_requests_get_clear_answers(client: httpx.AsyncClient, user: U
     assert_problem(await post(**{"Upload-Length": "5"}), 400)  # no filename
     assert_problem(await post(**{"Upload-Length": "5", "Upload-Metadata": "filename !!notbase64"}), 400)
     assert_problem(await post(**{"Upload-Length": str(10**15), "Upload-Metadata": tus_metadata(filename="a")}), 413)
+    superscript = await client.post("/uploads", headers=[*user.auth.items(), *TUS.items(), ("Upload-Length", b"\xb2"),
+                                                        ("Upload-Metadata", tus_metadata(filename="a"))])
+    assert_problem(superscript, 400)  # "²".isdigit(), but it is no number
+    assert superscript.headers["tus-resumable"] == "1.0.0"
     relative = tus_metadata(filename="a", path="rel/x")
     assert_problem(await post(**{"Upload-Length": "5", "Upload-Metadata": relative}), 422)
     unauthorized = await client.post("/uploads", headers={**TUS, "Upload-Length": "5"})
