@@ -204,9 +204,15 @@ async def _sweep_leftovers(engine: AsyncEngine, storage: Storage, report: Report
         await anyio.to_thread.run_sync(_remove_all, doomed)
 
 
-async def _lost_bytes(engine: AsyncEngine, storage: Storage, row: Any, report: Report) -> None:
-    """A row of this node whose blob is not on its disk."""
+async def _lost_bytes(engine: AsyncEngine, storage: Storage, seen: Any, report: Report) -> None:
+    """A row of this node, as read before the scan, whose blob the scan did not find on its disk."""
     assert storage.node_id is not None
+    # The scan can take long on a big disk: a file deleted or replaced since the row was read is
+    # no loss (its old bytes went with it), and a push may have finished, so decide on the row now.
+    async with engine.connect() as conn:
+        row = await db.local_state_of(conn, seen.id, seen.blob_id)
+    if row is None or row.node != storage.node_id:
+        return
     if row.cloud_state == "stored":
         report.actions.append(f"mark {row.id} as not local (its file is gone, the cloud has it)")
         if not report.dry_run:

@@ -280,9 +280,10 @@ class Replicator:
         limit every failure is logged as an error."""
         settings = self.settings
         async with self.engine.begin() as conn:
-            attempts = await db.claim_deletion(conn, key, settings.cloud_lease_s)
-        if attempts is None:
+            claim = await db.claim_deletion(conn, key, settings.cloud_lease_s)
+        if claim is None:
             return
+        attempts = claim.attempts
         try:
             await self.store.delete(key)
         except CloudError as exc:
@@ -291,7 +292,9 @@ class Replicator:
             log.log(level, "cloud deletion of %s failed (attempt %d), retrying in %.1fs: %s", key,
                     attempts + 1, delay, exc)
             async with self.engine.begin() as conn:
-                await db.fail_deletion(conn, key, str(exc), delay)
+                await db.fail_deletion(conn, key, claim.generation, str(exc), delay)
             return
+        # A no-op when a late push queued the key again meanwhile: its object may postdate this
+        # DELETE, so the row stays for the next pass.
         async with self.engine.begin() as conn:
-            await db.finish_deletion(conn, key)
+            await db.finish_deletion(conn, key, claim.generation)

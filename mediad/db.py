@@ -187,6 +187,9 @@ cloud_deletions = sa.Table(
     sa.Column("next_attempt_at", TZ, nullable=False, server_default=sa.func.now()),
     sa.Column("last_error", sa.Text),
     sa.Column("lease_until", TZ),
+    # Bumped when the key is queued again while queued (a push whose PUT landed after the
+    # deletion's DELETE): a deleter removes the row only if it is still the generation it claimed.
+    sa.Column("generation", sa.Integer, nullable=False, server_default="0"),
 )
 
 WEBHOOK_EVENTS = ("file.created", "file.replaced", "file.moved", "file.deleted", "file.stored", "file.evicted",
@@ -604,6 +607,9 @@ async def renew_push(conn: AsyncConnection, file_id: uuid.UUID, blob_id: uuid.UU
 
 
 async def finish_push(conn: AsyncConnection, file_id: uuid.UUID, blob_id: uuid.UUID) -> bool:
+    """Mark the content stored; False only when it is no longer the File's (replaced or deleted).
+    Any state of the same blob counts: the PUT verified the object at that content's key, and
+    False would have the caller queue the deletion of an object the row may already rely on."""
     result = await conn.execute(
         sa.update(files).where(_same_push(file_id, blob_id))
         .values(cloud_state="stored", cloud_stored_at=sa.func.now(), cloud_lease_until=None,
@@ -616,7 +622,8 @@ async def fail_push(conn: AsyncConnection, file_id: uuid.UUID, blob_id: uuid.UUI
                     retry_in_s: float, max_attempts: int) -> None:
     attempts = files.c.cloud_attempts + 1
     await conn.execute(
-        sa.update(files).where(_same_push(file_id, blob_id))
+        # Only while pending: a worker whose lease lapsed may fail after another one stored the copy.
+        sa.update(files).where(_same_push(file_id, blob_id), files.c.cloud_state == "pending")
         .values(cloud_attempts=attempts, cloud_last_error=error[:1000], cloud_lease_until=None,
                 cloud_next_attempt_at=_lease(retry_in_s),
                 cloud_state=sa.case((attempts >= max_attempts, "failed"), else_="pending"))
@@ -647,14 +654,24 @@ async def retry_failed(conn: AsyncConnection, file_id: uuid.UUID | None = None) 
     return list(result.scalars())
 
 
+def _queue(keys: list[str]) -> sa.Insert:
+    # A key already queued may be claimed with its DELETE on the way, sent before the object it
+    # must remove was written: a new generation makes that deleter's finish a no-op, and the
+    # lease goes so that the next pass deletes again.
+    statement = insert(cloud_deletions).values([{"key": key} for key in keys])
+    return statement.on_conflict_do_update(
+        index_elements=[cloud_deletions.c.key],
+        set_={"generation": cloud_deletions.c.generation + 1, "lease_until": None})
+
+
 async def queue_deletion(conn: AsyncConnection, key: str) -> None:
-    await conn.execute(insert(cloud_deletions).values(key=key).on_conflict_do_nothing())
+    await conn.execute(_queue([key]))
 
 
 async def queue_deletions(conn: AsyncConnection, keys: list[str]) -> None:
     """queue_deletion for many keys in one statement (a folder's files)."""
-    if keys:
-        await conn.execute(insert(cloud_deletions).values([{"key": key} for key in keys]).on_conflict_do_nothing())
+    if keys:  # once each: ON CONFLICT DO UPDATE may not touch a row twice in one statement
+        await conn.execute(_queue(list(dict.fromkeys(keys))))
 
 
 async def due_deletions(conn: AsyncConnection, limit: int) -> list[str]:
@@ -665,24 +682,30 @@ async def due_deletions(conn: AsyncConnection, limit: int) -> list[str]:
     return list(result.scalars())
 
 
-async def claim_deletion(conn: AsyncConnection, key: str, lease_s: float) -> int | None:
-    """Lease a due deletion; → its failed attempts so far, or None when it is not due or taken."""
+async def claim_deletion(conn: AsyncConnection, key: str, lease_s: float) -> AnyRow | None:
+    """Lease a due deletion; → its failed attempts so far and the generation claimed (for
+    finish_deletion and fail_deletion), or None when it is not due or taken."""
     result = await conn.execute(
         sa.update(cloud_deletions)
         .where(cloud_deletions.c.key == key, cloud_deletions.c.next_attempt_at <= sa.func.now(),
                _claimable(cloud_deletions, "lease_until"))
         .values(lease_until=_lease(lease_s))
-        .returning(cloud_deletions.c.attempts))
-    return result.scalar_one_or_none()
+        .returning(cloud_deletions.c.attempts, cloud_deletions.c.generation))
+    return result.first()
 
 
-async def finish_deletion(conn: AsyncConnection, key: str) -> None:
-    await conn.execute(sa.delete(cloud_deletions).where(cloud_deletions.c.key == key))
+def _same_deletion(key: str, generation: int) -> sa.ColumnElement[bool]:
+    # Queued again since the claim: the claimed DELETE may predate the object, so the row stays.
+    return sa.and_(cloud_deletions.c.key == key, cloud_deletions.c.generation == generation)
 
 
-async def fail_deletion(conn: AsyncConnection, key: str, error: str, retry_in_s: float) -> None:
+async def finish_deletion(conn: AsyncConnection, key: str, generation: int) -> None:
+    await conn.execute(sa.delete(cloud_deletions).where(_same_deletion(key, generation)))
+
+
+async def fail_deletion(conn: AsyncConnection, key: str, generation: int, error: str, retry_in_s: float) -> None:
     await conn.execute(
-        sa.update(cloud_deletions).where(cloud_deletions.c.key == key)
+        sa.update(cloud_deletions).where(_same_deletion(key, generation))
         .values(attempts=cloud_deletions.c.attempts + 1, last_error=error[:1000], lease_until=None,
                 next_attempt_at=_lease(retry_in_s)))
 
@@ -691,9 +714,10 @@ async def fail_deletion(conn: AsyncConnection, key: str, error: str, retry_in_s:
 
 async def evictable(conn: AsyncConnection, node: uuid.UUID,
                     accessed_before: datetime | None = None) -> Sequence[AnyRow]:
-    """Files on this node's disk whose verified cloud copy exists, least recently accessed first."""
+    """Files on this node's disk whose verified cloud copy exists, least recently accessed first;
+    not while a probe is due, which reads only local bytes (claim_probes)."""
     query = (sa.select(files.c.id, files.c.blob_id, files.c.size)
-             .where(files.c.node == node, files.c.cloud_state == "stored")
+             .where(files.c.node == node, files.c.cloud_state == "stored", files.c.media_state != "pending")
              .order_by(files.c.accessed_at, files.c.id))
     if accessed_before is not None:
         query = query.where(files.c.accessed_at < accessed_before)
@@ -711,11 +735,18 @@ async def mark_evicted(conn: AsyncConnection, file_id: uuid.UUID, blob_id: uuid.
     return result.rowcount == 1
 
 
+_LOCAL_STATE = (files.c.id, files.c.blob_id, files.c.node, files.c.cloud_state)
+
+
 async def local_state(conn: AsyncConnection, node: uuid.UUID) -> Sequence[AnyRow]:
     """Rows whose blob this node's disk holds, or held until an eviction (node NULL)."""
     return (await conn.execute(
-        sa.select(files.c.id, files.c.blob_id, files.c.node, files.c.cloud_state)
-        .where(sa.or_(files.c.node == node, files.c.node.is_(None))))).all()
+        sa.select(*_LOCAL_STATE).where(sa.or_(files.c.node == node, files.c.node.is_(None))))).all()
+
+
+async def local_state_of(conn: AsyncConnection, file_id: uuid.UUID, blob_id: uuid.UUID) -> AnyRow | None:
+    """local_state's row of one File as it is now, None once it no longer holds that blob."""
+    return (await conn.execute(sa.select(*_LOCAL_STATE).where(_same_push(file_id, blob_id)))).first()
 
 
 async def record_access(conn: AsyncConnection, seen: dict[uuid.UUID, datetime]) -> None:

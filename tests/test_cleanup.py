@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -18,10 +19,12 @@ from typing import Any
 
 import asyncpg
 import httpx
+import media_samples as samples
 import pytest
 from conftest import MockCloud, Server, User, cloud_settings, make_user, serve_in_thread, wait_for
 
-from mediad.cleanup import DiskUsage, bytes_to_free, sweep
+from mediad import db
+from mediad.cleanup import DiskUsage, Report, _lost_bytes, bytes_to_free, sweep
 from mediad.db import create_engine
 from mediad.storage import Storage, blob_relpath
 
@@ -256,3 +259,67 @@ async def test_real_disk_pressure_on_a_small_tmpfs(database_url: str, tmp_path: 
                 assert 1 - stat.f_bavail / stat.f_blocks < 0.4 + 0.01
     finally:
         await asyncio.to_thread(subprocess.run, ["umount", "-l", str(mount)], check=False)
+
+
+async def _probed(scene: Scene, file_id: str) -> dict[str, Any]:
+    async def done() -> bool:
+        return (await scene.http.get(f"/files/{file_id}", headers=scene.user.auth)).json()["media"] is not None
+
+    await wait_for(done, timeout=40, what="the probe")
+    media: dict[str, Any] = (await scene.http.get(f"/files/{file_id}", headers=scene.user.auth)).json()["media"]
+    return media
+
+
+async def test_a_file_waiting_for_its_probe_keeps_its_local_copy(scene: Scene) -> None:
+    file_id = await _upload(scene.http, scene.user, "pic.png", samples.png_alpha(32, 24))
+    await _wait_stored(scene.http, scene.user, [file_id])
+    await _probed(scene, file_id)
+    # As while a probe of it runs (or waits for a busy pool): pending, leased to a prober.
+    await _sql(scene.server.database_url, "UPDATE files SET media_state = 'pending', media = NULL, "
+               "media_lease_until = now() + interval '1 hour' WHERE id = $1", uuid.UUID(file_id))
+    later = datetime.now(UTC) + timedelta(hours=2)
+    report = await scene.sweep(now=later, usage=DiskUsage(total=1_000_000, free=1_000))
+    assert (report.evicted_files, report.pressure_unrelieved) == (0, True)
+    row = (await scene.rows())[file_id]
+    assert row["local"] is True and _blob_exists(scene.server, row["blob_id"])
+
+    # The probe can still read the bytes; once it has, the file goes like any other.
+    await _sql(scene.server.database_url, "UPDATE files SET media_lease_until = NULL WHERE id = $1",
+               uuid.UUID(file_id))
+    nudge = await _upload(scene.http, scene.user, "nudge.txt", b"a commit wakes the prober")
+    media = await _probed(scene, file_id)
+    assert (media["status"], media["width"], media["height"]) == ("ready", 32, 24)
+    await _wait_stored(scene.http, scene.user, [nudge])
+    assert (await scene.sweep(now=later)).evicted_files == 2  # nudge.txt too
+    assert (await scene.rows())[file_id]["local"] is False
+
+
+async def test_files_deleted_or_replaced_during_the_scan_are_not_reported_lost(
+        scene: Scene, mock_cloud: MockCloud, caplog: pytest.LogCaptureFixture) -> None:
+    await mock_cloud.set_faults(fail_rate=1.0)  # no cloud copies: bytes gone from disk would be lost
+    deleted = await _upload(scene.http, scene.user, "deleted.bin", b"deleted meanwhile")
+    replaced = (await scene.http.put("/files?path=/r.bin", content=b"first", headers=scene.user.auth)).json()["id"]
+    lost = await _upload(scene.http, scene.user, "lost.bin", b"really gone")
+    engine = create_engine(scene.server.database_url, scene.settings)
+    try:
+        storage = Storage(scene.server.data_dir)
+        storage.prepare()
+        assert storage.node_id is not None
+        async with engine.connect() as conn:  # the rows as a pass reads them before its disk scan
+            before = {str(row.id): row for row in await db.local_state(conn, storage.node_id)}
+        # While the scan runs: one file is deleted, one replaced (their old bytes go with them),
+        # and one file's bytes vanish behind mediad's back.
+        assert (await scene.http.delete(f"/files/{deleted}", headers=scene.user.auth)).status_code == 204
+        again = await scene.http.put("/files?path=/r.bin", content=b"second", headers=scene.user.auth)
+        assert again.status_code == 200
+        (scene.server.data_dir / blob_relpath(before[lost].blob_id)).unlink()
+        assert not any(_blob_exists(scene.server, before[i].blob_id) for i in (deleted, replaced, lost))
+
+        report = Report()
+        for file_id in (deleted, replaced, lost):  # what the pass does with each row the scan missed
+            await _lost_bytes(engine, storage, before[file_id], report)
+    finally:
+        await engine.dispose()
+    assert report.missing == [lost]
+    errors = [r.getMessage() for r in caplog.records if r.name == "mediad.cleanup" and r.levelno >= logging.ERROR]
+    assert errors == [f"DATA LOSS: file {lost} has no local bytes and no cloud copy"]

@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import subprocess
 import sys
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
-from conftest import MockCloud, Server, cloud_settings, make_user, serve_in_thread, wait_for
+import pytest
+from conftest import MockCloud, Server, asgi_in_thread, cloud_settings, make_user, serve_in_thread, wait_for
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from mediad.cloud import cloud_key, retry_delay
 
@@ -206,3 +213,76 @@ async def test_read_through_after_local_copy_is_gone(cloud_server: Server, mock_
         assert int(multi.headers["content-length"]) == len(multi.content)
         not_modified = await http.get(url, headers={**user.auth, "If-None-Match": f'"{created["sha256"]}"'})
         assert not_modified.status_code == 304
+
+
+class Gate:
+    """A real HTTP hop between mediad and the mock cloud that holds chosen requests, to order a
+    push's PUT and a deletion's DELETE as a slow network can: each PUT's body is taken in full and
+    held until `release_put`; each DELETE is carried out at once and its answer held until
+    `release_delete`. Everything else passes straight through."""
+
+    def __init__(self, cloud_url: str) -> None:
+        self.cloud_url = cloud_url
+        self.put_arrived, self.release_put = threading.Event(), threading.Event()
+        self.delete_done, self.release_delete = threading.Event(), threading.Event()
+
+    async def _forward(self, request: Request, body: bytes) -> Response:
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
+        async with httpx.AsyncClient(base_url=self.cloud_url, timeout=30) as http:
+            answer = await http.request(request.method, request.url.path, content=body, headers=headers)
+        return Response(answer.content, answer.status_code, media_type=answer.headers.get("content-type"))
+
+    async def handle(self, request: Request) -> Response:
+        body = await request.body()
+        if request.method == "PUT":
+            self.put_arrived.set()
+            assert await asyncio.to_thread(self.release_put.wait, 30)
+        answer = await self._forward(request, body)
+        if request.method == "DELETE":
+            self.delete_done.set()
+            assert await asyncio.to_thread(self.release_delete.wait, 30)
+        return answer
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[Route("/{path:path}", self.handle, methods=["GET", "PUT", "DELETE"])])
+
+
+async def _signalled(event: threading.Event, what: str) -> None:
+    assert await asyncio.to_thread(event.wait, 20), f"timed out waiting for {what}"
+
+
+async def test_a_push_landing_after_its_deletion_is_deleted_again(
+        database_url: str, tmp_path: Path, mock_cloud: MockCloud, caplog: pytest.LogCaptureFixture) -> None:
+    """Deleted while its push streams: the deletion's DELETE reaches the cloud before the push's PUT
+    creates the object, and the push re-queues the key when it learns the file is gone. That
+    re-queue must outlive the first deletion's finish, or the late object stays in the cloud."""
+    caplog.set_level(logging.INFO, logger="mediad.cloud")
+    gate = Gate(mock_cloud.url)
+    with asgi_in_thread(gate.app()) as gate_url, \
+            serve_in_thread(cloud_settings(tmp_path / "data", mock_cloud, cloud_url=gate_url), database_url) as running:
+        async with httpx.AsyncClient(base_url=running.url, timeout=30) as http:
+            user = await make_user(http)
+            file_id = (await http.post("/files?name=late.bin", content=b"pushed late", headers=user.auth)).json()["id"]
+            key = cloud_key(await blob_id(database_url, file_id))
+            await _signalled(gate.put_arrived, "the push's PUT")
+            assert (await http.delete(f"/files/{file_id}", headers=user.auth)).status_code == 204
+            await _signalled(gate.delete_done, "the deletion's DELETE")  # the cloud has nothing yet
+            gate.release_put.set()  # the object is created now, after its deletion
+
+            async def push_done() -> bool:  # logged once the push's transaction has committed
+                return any(r.getMessage() == f"stored {file_id} in the cloud" for r in caplog.records)
+
+            await wait_for(push_done, what="the push to finish")
+            gate.release_delete.set()
+
+            async def queue_empty() -> bool:
+                conn = await asyncpg.connect(database_url)
+                try:
+                    return await conn.fetchval("SELECT count(*) FROM cloud_deletions") == 0
+                finally:
+                    await conn.close()
+
+            await wait_for(queue_empty, what="the deletion queue to drain")
+            assert (await mock_cloud.object(key)).status_code == 404
+    stats = await mock_cloud.stats()
+    assert (stats["stored_keys"], stats["deletes"]) == ({key: 1}, 2)
