@@ -51,7 +51,9 @@ log = logging.getLogger("mediad.downloads")
 MAX_RANGES = 16  # more than this is refused by serving the whole body (RFC 9110 §14.2 advice)
 _COALESCE_GAP = 128  # ranges closer than a multipart part header are served as one
 _CHUNK = 256 * 1024
-_RANGE_SPEC = re.compile(r"^(\d*)-(\d*)$")
+# At most 19 digits a position, enough for any size below 2**63: a longer run counts as malformed
+# (the header is ignored) rather than reaching int(), which refuses more than 4,300 digits.
+_RANGE_SPEC = re.compile(r"^(\d{0,19})-(\d{0,19})$")
 
 Ranges = list[tuple[int, int]]  # half-open [start, end) byte intervals
 
@@ -259,8 +261,17 @@ class _Plan:
     boundary: str = ""
 
 
-def plan_response(method: str, headers: Headers, rep: Representation, inline: bool) -> _Plan:
-    """Status, headers and byte ranges for a GET/HEAD of this File (no I/O)."""
+def plan_response(method: str, headers: Headers, rep: Representation, inline: bool,
+                  by_path: bool = False) -> _Plan:
+    """Status, headers and byte ranges for a GET/HEAD of this File (no I/O).
+
+    `by_path`: asked for as /download?path=. Another File can take that path over (a move with
+    "replace", or a delete and an upload within the second) sharing its Last-Modified, so there a
+    date in If-Range never matches: the new file's bytes spliced onto the old one's would be a
+    corrupt download (RFC 9110 §13.1.5). The ETag, the content's sha256, still does. If-Modified-
+    Since keeps the date, a weak comparison (§13.1.3): at worst a cache keeps a whole copy of the
+    previous file, and a cache that has our ETag sends If-None-Match, which is evaluated instead.
+    """
     outcome = evaluate_preconditions(headers, rep.etag, rep.modified)
     if outcome == 412:
         raise PreconditionFailed("If-Match or If-Unmodified-Since does not hold for this file")
@@ -269,7 +280,7 @@ def plan_response(method: str, headers: Headers, rep: Representation, inline: bo
     size, base = rep.size, rep.full[inline]
     ranges = None
     # Range handling is defined for GET only (RFC 9110 §14.2): HEAD describes the full 200.
-    if method == "GET" and range_applies(headers, rep.etag, rep.strong_date):
+    if method == "GET" and range_applies(headers, rep.etag, None if by_path else rep.strong_date):
         ranges = parse_ranges(headers.get("range"), size)
     if ranges is None:
         return _Plan(200, [*base, (b"content-length", b"%d" % size)], None)
@@ -456,13 +467,15 @@ def _open_blob(path: str) -> int | None:
         return None
 
 
-async def respond(request: Request, rep: Representation, *,
-                  on_loop: bool = False) -> BlobResponse | AccelResponse | None:
+async def respond(request: Request, rep: Representation, *, on_loop: bool = False,
+                  by_path: bool = False) -> BlobResponse | AccelResponse | None:
     """The answer for this File from this node's disk, else its cloud copy; None when neither
     has it now. `on_loop`: open on the event loop, for a file just served (its directory entries
-    are cached, so open() does not wait for the disk); else in a thread."""
+    are cached, so open() does not wait for the disk); else in a thread. `by_path`: see
+    `plan_response`."""
     state = request.app.state
-    plan = plan_response(request.method, request.headers, rep, request.query_params.get("inline") == "1")
+    plan = plan_response(request.method, request.headers, rep, request.query_params.get("inline") == "1",
+                         by_path)
     state.access.touch(rep.id)
     if rep.node == state.storage.node_id:
         path = rep.local_path = rep.local_path or str(state.storage.blob_path(rep.blob_id))
@@ -503,10 +516,11 @@ def owned_by_bearer(request: Request, lookup: dict[str, Any]) -> Fetch:
     return fetch
 
 
-async def serve_file(request: Request, fetch: Fetch, *, record: bool = False) -> BlobResponse | AccelResponse:
+async def serve_file(request: Request, fetch: Fetch, *, record: bool = False,
+                     by_path: bool = False) -> BlobResponse | AccelResponse:
     """Answer GET/HEAD for the File `fetch` finds: from this node's disk (by nginx when it fronts
     mediad), else the cloud copy.
-    `record`: `fetch` found it as an audio record's File."""
+    `record`: `fetch` found it as an audio record's File; `by_path`: by its path (`plan_response`)."""
     reader, cache = request.app.state.reader, request.app.state.cache
     node = request.app.state.storage.node_id
     for _ in range(3):
@@ -517,7 +531,7 @@ async def serve_file(request: Request, fetch: Fetch, *, record: bool = False) ->
         rep = Representation.from_row(row, record or (known is not None and known.record))
         if cache is not None:
             cache.keep_file(stamp, rep)
-        response = await respond(request, rep)
+        response = await respond(request, rep, by_path=by_path)
         if response is not None:
             return response
         if rep.node not in (None, node):
@@ -555,4 +569,4 @@ async def download(request: Request) -> BlobResponse | AccelResponse:
     except MediaError:
         await authenticate(request)  # a missing or unknown token is 401 first, as on every route
         raise
-    return await serve_file(request, owned_by_bearer(request, lookup))
+    return await serve_file(request, owned_by_bearer(request, lookup), by_path="path" in lookup)

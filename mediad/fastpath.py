@@ -62,7 +62,9 @@ class FastDownloads:
             rep = _cached(request, cache, route, match.group(1) if match else None)
             if rep is None:
                 return None
-            response = await respond(request, rep, on_loop=True)
+            # /download answers ?id= or ?path=, exactly one (download_lookup made sure of it).
+            by_path = route is _FAST_ROUTES["/download"] and "path" in request.query_params
+            response = await respond(request, rep, on_loop=True, by_path=by_path)
         except MediaError:
             return None  # the app answers it, from the database, as it would have anyway
         if response is None:
@@ -82,7 +84,7 @@ def _cached(request: Request, cache: LookupCache, route: _Route | None,
         links.check_expiry(query, time.time())
         rep: Representation | None = cache.file(parse_file_id(file_id))
         if rep is not None:
-            links.verify(request.app.state.link_key, rep.id, query, rep.sha256)
+            links.verify(request.app.state.link_key, rep.id, query, rep.sha256, rep.blob_id)
         return rep
     if route is _FAST_ROUTES["/record"]:
         if "id" not in params or "user" not in params:

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import hashlib
 import random
 import re
+import time
 from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import unquote
@@ -318,6 +320,25 @@ async def test_ranges(any_client: httpx.AsyncClient) -> None:
 
 
 @pytest.mark.parametrize("route", ROUTES)
+async def test_overlong_range_numbers_are_ignored(any_client: httpx.AsyncClient, route: str) -> None:
+    """A position of more than 19 digits (past any file; int() refuses 4,300 and more) makes the
+    header malformed: ignored with a 200 (RFC 9110 §14.2), by the app and by the cached fast path."""
+    user = await make_user(any_client)
+    data = payload(SIZE, 3)
+    file = await upload(any_client, user, data, path="/r/huge.bin")
+    url, params = target(route, file)
+    overlong = ["bytes=0-" + "9" * 5000, "bytes=" + "1" * 5000 + "-", "bytes=-" + "9" * 5000,
+                "bytes=0-0," + "1" * 5000 + "-5", "bytes=0-" + "9" * 20]
+    for header in overlong:
+        for _ in range(3):  # the first answer fills the lookup cache; the next come from it
+            response = await any_client.get(url, params=params, headers={**user.auth, "Range": header})
+            assert_full(response, data)
+    # Nineteen digits are still a position: the range runs to the end of the file.
+    response = await any_client.get(url, params=params, headers={**user.auth, "Range": "bytes=100-" + "9" * 19})
+    assert_single_range(response, data, 100, SIZE)
+
+
+@pytest.mark.parametrize("route", ROUTES)
 async def test_ranges_on_every_route(any_client: httpx.AsyncClient, route: str) -> None:
     user = await make_user(any_client)
     data = payload(SIZE, 1)
@@ -489,6 +510,59 @@ async def test_if_range_date_is_not_trusted_after_a_replace(any_client: httpx.As
     await upload(any_client, user, new, path="/v/data.bin", replaces=True)
     response = await get(any_client, user, file, range="bytes=5000-", if_range=modified)
     assert_full(response, new)
+
+
+async def _take_over_within_a_second(http: httpx.AsyncClient, user: User, takeover: str, old: bytes,
+                                     new: bytes) -> tuple[str, dict[str, Any], str]:
+    """A File of `old` at a path, half of it downloaded by path, then another File of `new` at
+    that path (by `takeover`), all within one second so both share a Last-Modified (it has
+    one-second resolution). → (the path, the File now there, the shared Last-Modified)."""
+    for attempt in range(5):
+        if time.time() % 1 > 0.3:  # start early in a second: all of it takes milliseconds
+            await asyncio.sleep(1 - time.time() % 1)
+        path = f"/{takeover}/{attempt}/a.bin"
+        a = await upload(http, user, old, path=path)
+        other = await upload(http, user, new, path=f"/{takeover}/{attempt}/b.bin") \
+            if takeover == "move-replace" else None
+        first = await http.get("/download", params={"path": path}, headers={**user.auth, "Range": "bytes=0-4999"})
+        assert_single_range(first, old, 0, 5000)
+        if other is not None:
+            moved = await http.patch(f"/files/{other['id']}", headers=user.auth, json={"path": path, "replace": True})
+            assert moved.status_code == 200, moved.text
+            now = moved.json()
+        else:
+            assert (await http.delete(f"/files/{a['id']}", headers=user.auth)).status_code == 204
+            now = await upload(http, user, new, path=path)
+        modified = first.headers["last-modified"]
+        if (await get(http, user, now, "HEAD")).headers["last-modified"] == modified:
+            return path, now, modified
+    raise AssertionError("could not upload, download and take over a path within one second")
+
+
+@pytest.mark.parametrize("takeover", ["move-replace", "delete-upload"])
+async def test_a_date_validates_nothing_at_a_path_another_file_took_over(any_client: httpx.AsyncClient,
+                                                                         takeover: str) -> None:
+    """/download?path= names whatever File holds the path. Another File can take it over with the
+    same Last-Modified, so there If-Range with a date must not splice its bytes onto the first
+    file's (RFC 9110 §13.1.5); the ETag is the content's and still validates."""
+    user = await make_user(any_client)
+    old, new = payload(SIZE, 1), payload(SIZE, 2)
+    path, now, modified = await _take_over_within_a_second(any_client, user, takeover, old, new)
+    params = {"path": path}
+    for _ in range(2):  # from the database, then from the lookup cache
+        resumed = await any_client.get("/download", params=params,
+                                       headers={**user.auth, "Range": "bytes=5000-", "If-Range": modified})
+        assert_full(resumed, new)
+    etag = f'"{now["sha256"]}"'
+    resumed = await any_client.get("/download", params=params,
+                                   headers={**user.auth, "Range": "bytes=5000-", "If-Range": etag})
+    assert_single_range(resumed, new, 5000, SIZE)
+    cached = await any_client.get("/download", params=params, headers={**user.auth, "If-None-Match": etag})
+    assert cached.status_code == 304
+    # By id, the File is what it always was: its date still validates there.
+    by_id = await any_client.get(f"/files/{now['id']}/content",
+                                 headers={**user.auth, "Range": "bytes=5000-", "If-Range": modified})
+    assert_single_range(by_id, new, 5000, SIZE)
 
 
 async def test_resumed_download_and_if_range_after_replace(any_client: httpx.AsyncClient) -> None:

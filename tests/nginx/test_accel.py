@@ -138,6 +138,8 @@ async def test_downloads_look_the_same_through_nginx(stack: Stack, clients: Any)
     for route in (f"/files/{file['id']}/content", f"/files/{file['id']}/content?inline=1",
                   f"/download?id={file['id']}", f"/download?path={file['path']}"):
         for extra, by_nginx in cases:
+            if route.startswith("/download?path=") and not extra.get("If-Range", '"').startswith('"'):
+                by_nginx = False  # by path a date validates no range: mediad sends the whole body
             headers = {**user.auth, **extra}
             for method in ("GET", "HEAD"):
                 await assert_same(clients, method, route, headers)
