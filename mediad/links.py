@@ -1,11 +1,13 @@
 """Signed links: expiring, tokenless download URLs, like an S3 presigned GET.
 
 A link is `/files/{id}/content?expires=<unix s>&inline=0|1&signature=<…>`, where the signature is
-an HMAC-SHA256 (RFC 2104) over the file id, the expiry, the inline flag and the content's sha256.
-A thumbnail link, `/files/{id}/thumbnail?size=<px>&expires=…&signature=…`, signs its size as one
-more part, so it serves that thumbnail only and never the bytes (nor another size).
-Binding the sha256 means replacing the content ends the link; a deleted file has no row to check
-against. The method is not signed, so one link serves GET and HEAD (a media player needs both).
+an HMAC-SHA256 (RFC 2104) over the file id, the expiry, the inline flag, the content's sha256 and
+its blob id. A thumbnail link, `/files/{id}/thumbnail?size=<px>&expires=…&signature=…`, signs its
+size as one more part, so it serves that thumbnail only and never the bytes (nor another size).
+Every upload stores a new blob, so binding the blob id means replacing the content ends the link,
+even with the same bytes, and a link never comes back when an old content does (A, B, then A
+again); a deleted file has no row to check against. The method is not signed, so one link serves
+GET and HEAD (a media player needs both).
 """
 
 from __future__ import annotations
@@ -64,23 +66,23 @@ class LinkQuery:
     thumbnail: int | None = None  # the signed size of a thumbnail link
 
 
-def sign(key: bytes, file_id: uuid.UUID, expires: int, inline: bool, sha256: str,
+def sign(key: bytes, file_id: uuid.UUID, expires: int, inline: bool, sha256: str, blob_id: uuid.UUID,
          thumbnail: int | None = None) -> str:
     """The url-safe base64 (unpadded) HMAC-SHA256 of the method-independent parts of a link."""
     parts = [_DOMAIN, str(file_id).encode(), str(expires).encode(), b"1" if inline else b"0",
-             sha256.encode("ascii")]
-    if thumbnail is not None:  # content links sign exactly what they always did: they stay valid
+             sha256.encode("ascii"), str(blob_id).encode()]
+    if thumbnail is not None:  # only thumbnail links have this part: no content link can pass for one
         parts.append(b"thumbnail=%d" % thumbnail)
     message = b"\n".join(parts)
     digest = hmac.new(key, message, hashlib.sha256).digest()
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
-def link_path(key: bytes, file_id: uuid.UUID, expires: int, inline: bool, sha256: str,
+def link_path(key: bytes, file_id: uuid.UUID, expires: int, inline: bool, sha256: str, blob_id: uuid.UUID,
               thumbnail: int | None = None) -> str:
     if thumbnail is not None:
         inline = False  # a thumbnail is shown, never saved as the file: the flag has no meaning there
-    signature = sign(key, file_id, expires, inline, sha256, thumbnail)
+    signature = sign(key, file_id, expires, inline, sha256, blob_id, thumbnail)
     if thumbnail is not None:
         query = urlencode({"size": thumbnail, "expires": expires, "signature": signature})
         return f"/files/{file_id}/thumbnail?{query}"
@@ -106,9 +108,9 @@ def check_expiry(query: LinkQuery, now: float) -> None:
         raise Forbidden("this link has expired; ask for a new one")
 
 
-def verify(key: bytes, file_id: uuid.UUID, query: LinkQuery, sha256: str) -> None:
+def verify(key: bytes, file_id: uuid.UUID, query: LinkQuery, sha256: str, blob_id: uuid.UUID) -> None:
     """403 unless the signature matches this file's current content (constant-time compare)."""
-    expected = sign(key, file_id, query.expires, query.inline, sha256, query.thumbnail)
+    expected = sign(key, file_id, query.expires, query.inline, sha256, blob_id, query.thumbnail)
     if not hmac.compare_digest(expected.encode("ascii"), query.signature.encode("ascii")):
         raise Forbidden(_INVALID)
 
@@ -185,7 +187,7 @@ async def create_link(request: Request) -> JSONResponse:
     if row is None:
         raise NotFound("no such file")
     expires = int(time.time()) + expires_in
-    path = link_path(request.app.state.link_key, file_id, expires, inline, row.sha256, thumbnail)
+    path = link_path(request.app.state.link_key, file_id, expires, inline, row.sha256, row.blob_id, thumbnail)
     return JSONResponse(
         {"url": request.app.state.settings.base_url + path,
          # The same link as a same-origin path: the web app's `media-src 'self'` accepts it even
@@ -210,7 +212,7 @@ def signed_fetch(request: Request, thumbnail: int | None = None) -> Callable[[As
         row = (await conn.execute(sa.select(db.files).where(db.files.c.id == file_id))).first()
         if row is None:  # the same answer as a bad signature: no oracle for which ids exist
             raise Forbidden(_INVALID)
-        verify(key, file_id, query, row.sha256)
+        verify(key, file_id, query, row.sha256, row.blob_id)
         return row
 
     return fetch

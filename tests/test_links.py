@@ -16,8 +16,9 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import httpx
+import media_samples as samples
 import pytest
-from conftest import User, assert_problem, make_settings, make_user, serve_in_thread, upload
+from conftest import User, assert_problem, make_settings, make_user, serve_in_thread, upload, wait_for
 
 from mediad import links
 
@@ -151,6 +152,61 @@ async def test_replacing_the_content_ends_old_links(client: httpx.AsyncClient, u
     assert (await client.get(new)).content == payload(500, seed=2)
 
 
+async def _served(http: httpx.AsyncClient, user: User, file_id: str, data: bytes) -> None:
+    """Wait until downloads of the file (the lookup cache included) serve `data`: a change is seen
+    everywhere within 1 s, and a link checked before that could be checked against the old row."""
+    async def current() -> bool:
+        return (await http.get(f"/files/{file_id}/content", headers=user.auth)).content == data
+    await wait_for(current, timeout=2, what="the new content")
+
+
+async def _ended(http: httpx.AsyncClient, path: str) -> None:
+    """The link answers 403 within 1 s (the cache's bound, with some slack), and keeps doing so."""
+    async def refused() -> bool:
+        return (await http.get(path)).status_code == 403
+    await wait_for(refused, timeout=2, what="the link to end")
+    for _ in range(2):
+        assert_problem(await http.get(path), 403)
+
+
+async def test_any_new_upload_ends_old_links_even_of_the_same_bytes(client: httpx.AsyncClient, user: User) -> None:
+    """A link is for the content it was made for, not for whatever has the same sha256: uploading
+    the same bytes again replaces the content, and a content that comes back (A, B, A) does not
+    bring back the links made for the first A."""
+    a, b = payload(500, 3), payload(500, 4)
+    first = await upload(client, user, a, path="/docs/same.bin")
+    same = (await make_link(client, user, first["id"]))["path"]
+    assert (await client.get(same)).content == a
+    again = await upload(client, user, a, path="/docs/same.bin", replaces=True)
+    assert (again["id"], again["sha256"]) == (first["id"], first["sha256"])
+    await _ended(client, same)
+
+    back = (await make_link(client, user, first["id"]))["path"]
+    assert (await client.get(back)).content == a
+    await upload(client, user, b, path="/docs/same.bin", replaces=True)
+    await _served(client, user, first["id"], b)
+    assert_problem(await client.get(back), 403)
+    await upload(client, user, a, path="/docs/same.bin", replaces=True)
+    await _served(client, user, first["id"], a)
+    for _ in range(2):  # from the database, then from the lookup cache
+        assert_problem(await client.get(back), 403)
+        assert_problem(await client.get(same), 403)
+    fresh = (await make_link(client, user, first["id"]))["path"]
+    assert (await client.get(fresh)).content == a
+
+
+async def test_a_new_upload_of_the_same_picture_ends_its_thumbnail_links(client: httpx.AsyncClient,
+                                                                          user: User) -> None:
+    picture = samples.photo(width=200, height=100, orientation=1)
+    file = await upload(client, user, picture, path="/l/same.jpg")
+    created = await client.post(f"/files/{file['id']}/links", headers=user.auth, json={"thumbnail": 32})
+    assert created.status_code == 201, created.text
+    path = created.json()["path"]
+    assert (await client.get(path, headers={"Accept": "image/jpeg"})).status_code == 200
+    await upload(client, user, picture, path="/l/same.jpg", replaces=True)
+    assert_problem(await client.get(path, headers={"Accept": "image/jpeg"}), 403)
+
+
 async def test_deleting_the_file_ends_its_links(client: httpx.AsyncClient, user: User) -> None:
     file = await upload(client, user, payload(500))
     path = (await make_link(client, user, file["id"]))["path"]
@@ -189,14 +245,16 @@ async def test_bounds_and_malformed_bodies(client: httpx.AsyncClient, user: User
 
 
 def test_signatures_bind_every_part() -> None:
-    key, file_id, sha = os.urandom(32), uuid.uuid4(), hashlib.sha256(b"x").hexdigest()
-    base = links.sign(key, file_id, 100, False, sha)
-    assert links.sign(key, file_id, 100, False, sha) == base and "=" not in base
-    others = {links.sign(os.urandom(32), file_id, 100, False, sha),
-              links.sign(key, uuid.uuid4(), 100, False, sha),
-              links.sign(key, file_id, 101, False, sha), links.sign(key, file_id, 100, True, sha),
-              links.sign(key, file_id, 100, False, hashlib.sha256(b"y").hexdigest())}
-    assert base not in others and len(others) == 5
+    key, file_id, sha, blob = os.urandom(32), uuid.uuid4(), hashlib.sha256(b"x").hexdigest(), uuid.uuid4()
+    base = links.sign(key, file_id, 100, False, sha, blob)
+    assert links.sign(key, file_id, 100, False, sha, blob) == base and "=" not in base
+    others = {links.sign(os.urandom(32), file_id, 100, False, sha, blob),
+              links.sign(key, uuid.uuid4(), 100, False, sha, blob),
+              links.sign(key, file_id, 101, False, sha, blob), links.sign(key, file_id, 100, True, sha, blob),
+              links.sign(key, file_id, 100, False, hashlib.sha256(b"y").hexdigest(), blob),
+              links.sign(key, file_id, 100, False, sha, uuid.uuid4()),
+              links.sign(key, file_id, 100, False, sha, blob, thumbnail=100)}
+    assert base not in others and len(others) == 7
 
 
 async def test_links_survive_a_restart_and_the_key_file_is_private(database_url: str, tmp_path: Path) -> None:
