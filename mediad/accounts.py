@@ -15,12 +15,12 @@ from .auth import (
     authenticate,
     bearer_token,
     clean_name,
+    confirm_password,
     new_token,
     read_json_object,
     security_event,
     token_expires_at,
     token_hash,
-    verify_password,
 )
 from .cloud import Replicator, cloud_key
 from .errors import Forbidden, NotFound
@@ -92,7 +92,8 @@ async def delete_me(request: Request) -> Response:
         password = body.get("password")
         if not isinstance(password, str):
             raise Forbidden("send this account's password as {\"password\": …} to delete it")
-        if not await anyio.to_thread.run_sync(verify_password, password[:1024], user.password_hash):
+        if not await confirm_password(request, user, password):
+            security_event("account.delete_refused", request, user_id=user.id, name=user.name)
             raise Forbidden("wrong password: nothing was deleted")
     deleted = await delete_account(state.engine, state.storage, state.replicator, user_id)
     security_event("account.deleted", request, user_id=user_id, name=user.name, files=deleted)

@@ -310,6 +310,16 @@ async def _check_password(request: Request, attempt: throttle.Attempt, password:
     return False
 
 
+async def confirm_password(request: Request, user: Any, password: str) -> bool:
+    """Whether `password` is the signed-in `user`'s, counted against their name and the client
+    address as a sign-in is (429 while either is blocked): a stolen token must not become a way
+    around sign-in throttling."""
+    keys = [throttle.name_key(user.name_key),
+            throttle.address_key(throttle.client_address(request.scope, request.app.state.settings))]
+    attempt = await _begin_attempt(request, keys, name=user.name, user_id=user.id)
+    return await _check_password(request, attempt, password, user.password_hash, name=user.name, user_id=user.id)
+
+
 async def login(request: Request) -> JSONResponse:
     data = await read_json_object(request)
     name, password = data.get("name"), data.get("password")
@@ -362,11 +372,7 @@ async def change_password(request: Request) -> Response:
         if old is not None:
             raise Forbidden("this account has no password yet: send \"password\": null")
     else:
-        keys = [throttle.name_key(user.name_key),
-                throttle.address_key(throttle.client_address(request.scope, request.app.state.settings))]
-        attempt = await _begin_attempt(request, keys, name=user.name, user_id=user.id)
-        if not await _check_password(request, attempt, old or "", user.password_hash, name=user.name,
-                                     user_id=user.id):
+        if not await confirm_password(request, user, old or ""):
             security_event("password.change_refused", request, user_id=user.id, name=user.name)
             raise Forbidden("the current password is wrong")
     encoded = await anyio.to_thread.run_sync(hash_password, new)

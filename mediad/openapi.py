@@ -430,8 +430,9 @@ _ACCOUNTS: dict[str, Schema] = {
                                             **_errors(401, 503)}, tag="users"),
         "delete": _op("Delete the caller's account", {
             "204": _ok("Deleted: the user, every token and every file (local bytes at once, cloud copies "
-                       "asynchronously with retries)."), **_errors(400, 401, 403, 422, 503)},
-            description="An account with a password must send it: missing or wrong → 403, nothing deleted.",
+                       "asynchronously with retries)."), **_errors(400, 401, 403, 422, 429, 503)},
+            description="An account with a password must send it: missing or wrong → 403, nothing deleted. "
+                        "A wrong password counts as a failed sign-in (429 while the name or address is blocked).",
             body=_body(_json(_ref("schemas", "AccountDeletion")), required=False), tag="users"),
     },
     "/auth/token": {"delete": _op(

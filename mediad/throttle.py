@@ -65,7 +65,12 @@ def _in(address: str, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6N
         parsed = ipaddress.ip_address(address)
     except ValueError:
         return False
-    return any(parsed in network for network in networks)
+    # A dual-stack listener (MEDIAD_HOST=::) sees an IPv4 peer as ::ffff:a.b.c.d, which is in no
+    # IPv4 network: unwrapped too, a proxy listed as 10.0.0.5 is recognised however it connects.
+    forms = [parsed]
+    if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
+        forms.append(parsed.ipv4_mapped)
+    return any(form in network for form in forms for network in networks)
 
 
 def name_key(name_key: str) -> str:

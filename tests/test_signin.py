@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import statistics
 import time
 import uuid
@@ -220,9 +221,43 @@ def _scope(peer: str, *forwarded: str) -> dict[str, Any]:
     ("10.0.0.0/8", _scope("192.168.0.1", "10.1.1.1"), "192.168.0.1"),  # peer not trusted
     ("127.0.0.1", _scope("127.0.0.1"), "127.0.0.1"),  # no header: the proxy itself
     ("127.0.0.1", _scope("127.0.0.1", "not-an-address"), "127.0.0.1"),
+    # A dual-stack listener sees an IPv4 proxy as ::ffff:a.b.c.d: still the proxy, either way listed.
+    ("10.0.0.5", _scope("::ffff:10.0.0.5", "203.0.113.9"), "203.0.113.9"),
+    ("10.0.0.0/8", _scope("::ffff:10.9.8.7", "203.0.113.9"), "203.0.113.9"),
+    ("::ffff:10.0.0.5", _scope("::ffff:10.0.0.5", "203.0.113.9"), "203.0.113.9"),
+    ("10.0.0.5", _scope("::ffff:10.0.0.6", "203.0.113.9"), "::ffff:10.0.0.6"),  # another peer
 ])
 def test_client_address(trusted: str | None, scope: dict[str, Any], client: str) -> None:
     assert throttle.client_address(scope, Settings(trusted_proxies=trusted)) == client
+
+
+def _dual_stack() -> bool:
+    """Whether this machine can listen on [::] for IPv4 too (IPV6_V6ONLY off)."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind(("::", 0))
+    except OSError:
+        return False
+    return True
+
+
+async def test_a_proxy_seen_through_a_dual_stack_listener_is_trusted(database_url: str, tmp_path: Path) -> None:
+    """`mediad serve --server granian` on MEDIAD_HOST=:: takes IPv4 connections too, their peer
+    written ::ffff:127.0.0.1; MEDIAD_TRUSTED_PROXIES=127.0.0.1 must still name that proxy, or every
+    client behind it shares one failure count."""
+    pytest.importorskip("granian")
+    if not _dual_stack():
+        pytest.skip("this machine cannot listen on [::] for IPv4 connections")
+    env = {"MEDIAD_HOST": "::", "MEDIAD_SIGNUP": "open", "MEDIAD_TRUSTED_PROXIES": "127.0.0.1",
+           "MEDIAD_SIGNIN_BLOCK_S": "1"}
+    with mediad_process(tmp_path / "data", database_url=database_url, server="granian", env=env) as running:
+        async with httpx.AsyncClient(base_url=running.url, timeout=60) as client:  # to 127.0.0.1
+            carol = (await signed_up(client))["name"]
+            for i in range(30):  # thirty names, from one client behind the proxy
+                assert_problem(await login(client, f"ghost-{i // 4}-{uuid.uuid4().hex[:6]}", "wrong-password", 1), 401)
+            assert_throttled(await login(client, carol, PASSWORD, 1), BLOCK_S)
+            assert (await login(client, carol, PASSWORD, 2)).status_code == 200  # another client: fine
 
 
 def test_ipv6_clients_count_per_64() -> None:
@@ -320,6 +355,22 @@ async def test_wrong_current_passwords_count_as_failed_sign_ins(http: httpx.Asyn
                                headers=auth)
     assert_throttled(response, BLOCK_S)
     assert_throttled(await login(http, created["name"], PASSWORD, 111), BLOCK_S)
+
+
+async def test_wrong_passwords_deleting_the_account_count_as_failed_sign_ins(http: httpx.AsyncClient) -> None:
+    """A token alone must not allow unthrottled guessing of the account's password."""
+    created = await signed_up(http)
+    auth = {**bearer(created["token"]), **addr(115)}
+    for _ in range(5):
+        response = await http.request("DELETE", "/users/me", json={"password": "guess-guess"}, headers=auth)
+        assert_problem(response, 403)
+    wait = assert_throttled(await http.request("DELETE", "/users/me", json={"password": PASSWORD}, headers=auth),
+                            BLOCK_S)
+    assert_throttled(await login(http, created["name"], PASSWORD, 116), BLOCK_S)  # the name is blocked
+    assert (await http.get("/users/me", headers=auth)).status_code == 200  # nothing was deleted
+    await asyncio.sleep(wait + 0.1)
+    assert (await http.request("DELETE", "/users/me", json={"password": PASSWORD}, headers=auth)).status_code == 204
+    assert_problem(await login(http, created["name"], PASSWORD, 117), 401)
 
 
 def bearer(token: str) -> dict[str, str]:
