@@ -47,8 +47,10 @@ _KEEP_S = 7 * 86400  # finished deliveries stay visible in GET /webhooks/{id}/de
 _PRUNE_EVERY_S = 600.0
 
 # Due rows, at most _PER_ENDPOINT in flight per endpoint counting this process's own (the
-# busy_* arrays), oldest first. The outer WHERE is re-checked on a row another process updated
-# meanwhile, so of two concurrent claims only one wins it.
+# busy_* arrays), oldest first. The batch skips the endpoints already at their cap (full_ids):
+# one endpoint's backlog of old due rows would otherwise fill it, be dropped by the cap, and
+# leave every other endpoint unclaimed. The outer WHERE is re-checked on a row another process
+# updated meanwhile, so of two concurrent claims only one wins it.
 _CLAIM = sa.text(
     "UPDATE webhook_deliveries d SET lease_until = now() + make_interval(secs => :lease)"
     " FROM (SELECT id FROM ("
@@ -56,6 +58,7 @@ _CLAIM = sa.text(
     "     row_number() OVER (PARTITION BY due.endpoint_id ORDER BY due.next_attempt_at) + coalesce(f.n, 0) AS n"
     "   FROM (SELECT id, endpoint_id, next_attempt_at FROM webhook_deliveries"
     "     WHERE status = 'retrying' AND next_attempt_at <= now() AND (lease_until IS NULL OR lease_until < now())"
+    "       AND endpoint_id <> ALL(CAST(:full_ids AS uuid[]))"
     "     ORDER BY next_attempt_at LIMIT :batch) due"
     "   LEFT JOIN unnest(CAST(:busy_ids AS uuid[]), CAST(:busy_counts AS int[])) AS f(endpoint_id, n)"
     "     ON f.endpoint_id = due.endpoint_id) ranked"
@@ -139,7 +142,10 @@ class Deliverer:
             for row in claimed:
                 self._in_flight[row.endpoint_id] += 1
                 group.start_soon(self._deliver, row)
-            if claimed and len(claimed) == free:
+            # An endpoint this claim brought to its cap may have filled the batch with its own
+            # rows and hidden other endpoints' behind them; the next claim skips it.
+            capped = any(self._in_flight[row.endpoint_id] >= _PER_ENDPOINT for row in claimed)
+            if claimed and (len(claimed) == free or capped):
                 continue  # there may be more due right now
             with anyio.move_on_after(self.settings.webhook_poll_s):
                 await self._wake.wait()
@@ -152,7 +158,8 @@ class Deliverer:
         async with self.db.connect() as conn:
             result = await conn.execute(_CLAIM, {
                 "lease": _LEASE_S, "batch": _BATCH, "per_endpoint": _PER_ENDPOINT, "limit": limit,
-                "busy_ids": list(busy), "busy_counts": list(busy.values())})
+                "busy_ids": list(busy), "busy_counts": list(busy.values()),
+                "full_ids": [endpoint for endpoint, n in busy.items() if n >= _PER_ENDPOINT]})
             return list(result.all())
 
     # ---- one attempt ------------------------------------------------------------------------

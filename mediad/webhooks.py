@@ -84,13 +84,34 @@ def signature(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _METADATA = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
+# IPv6 addresses whose last 32 bits are an IPv4 address that a translator or an automatic tunnel
+# delivers to: NAT64's well-known and local-use prefixes (RFC 6052, RFC 8215), IPv4-translated
+# (RFC 2765) and the deprecated IPv4-compatible form (RFC 4291 2.5.5.1).
+_IPV4_TAIL = tuple(ipaddress.ip_network(net) for net in ("64:ff9b::/96", "64:ff9b:1::/48", "::ffff:0:0:0/96", "::/96"))
+
+
+def _embedded(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses a connection to `address` may end up at."""
+    if address.sixtofour is not None:  # 2002::/16
+        return [address.sixtofour]
+    if address.teredo is not None:  # 2001::/32: the relay, and the client behind it
+        return list(address.teredo)
+    if int(address) > 1 and any(address in net for net in _IPV4_TAIL):  # :: and ::1 are IPv6's own
+        return [ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)]
+    return []
 
 
 def refused(address: IPAddress, allow_private: bool) -> str | None:
     """Why mediad must not connect to `address`, or None. Cloud metadata services are refused even
     when private addresses are allowed: no trusted network wants webhooks reading them."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            address = address.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+        else:
+            for inner in _embedded(address):
+                why = refused(inner, allow_private)
+                if why is not None:
+                    return f"an IPv6 form of {inner}, {why}"
     if address in _METADATA:
         return "a cloud metadata address"
     if allow_private:
@@ -225,8 +246,10 @@ def upload_json(row: Row[Any]) -> dict[str, Any]:
 
 async def emit_expired_uploads(conn: AsyncConnection, upload_ids: list[uuid.UUID]) -> None:
     """upload.expired for the unfinished ones among these uploads (before their rows go)."""
+    # Unfinished by its offset, not by a NULL file_id: a finished upload whose File was deleted
+    # since has file_id NULL again (ON DELETE SET NULL).
     rows = (await conn.execute(sa.select(uploads).where(
-        uploads.c.id.in_(upload_ids), uploads.c.file_id.is_(None),
+        uploads.c.id.in_(upload_ids), uploads.c.offset < uploads.c.length,
         sa.exists().where(webhook_endpoints.c.user_id == uploads.c.owner_id)))).all()
     for row in rows:
         await emit(conn, row.owner_id, "upload.expired", {"upload": upload_json(row)})

@@ -24,10 +24,12 @@ from conftest import (
     User,
     assert_problem,
     cloud_settings,
+    free_port,
     fresh_database,
     make_settings,
     make_user,
     serve_in_thread,
+    tus_metadata,
     upload,
     wait_for,
 )
@@ -201,6 +203,39 @@ async def test_every_event_type_arrives_signed_with_the_file_as_it_is_after_the_
     assert len(rows) == 12  # the quiet user's upload wrote none
 
 
+async def test_a_finished_upload_whose_file_was_deleted_does_not_expire_unfinished(
+        hook_db: str, tmp_path: Path, receiver: Receiver) -> None:
+    """upload.expired is for uploads that never got all their bytes: not for one that finished,
+    even once its File is gone (which leaves the upload's file_id NULL)."""
+    async with hooked(tmp_path, hook_db, upload_expire_s=1) as (server, http, settings):
+        user = await make_user(http)
+        await register(http, user, receiver, events=["upload.expired"])
+
+        async def tus_post(length: int, body: bytes) -> httpx.Response:
+            response = await http.post("/uploads", content=body, headers={
+                **user.auth, "Tus-Resumable": "1.0.0", "Upload-Length": str(length),
+                "Upload-Metadata": tus_metadata(filename="t.bin"), "Content-Type": "application/offset+octet-stream"})
+            assert response.status_code == 201, response.text
+            return response
+        finished = await tus_post(5, b"whole")
+        file_id = finished.headers["mediad-file-id"]
+        assert (await http.delete(f"/files/{file_id}", headers=user.auth)).status_code == 204
+        partial = await tus_post(10, b"half")
+        assert partial.headers["upload-offset"] == "4" and "mediad-file-id" not in partial.headers
+        rows = await _sql(hook_db, 'SELECT "offset", length, file_id FROM uploads ORDER BY length')
+        assert [tuple(r) for r in rows] == [(5, 5, None), (4, 10, None)]  # the finished one looks unfinished
+        await asyncio.sleep(1.2)  # both expire
+        await _sweep(server, settings)
+        assert await _sql(hook_db, "SELECT id FROM uploads") == []
+        await arrived(receiver, 1, "upload.expired for the unfinished upload")
+        await asyncio.sleep(0.5)  # nothing more may come
+    [expired] = receiver.events()
+    upload_id = partial.headers["location"].rsplit("/", 1)[1]
+    assert expired["type"] == "upload.expired"
+    assert expired["data"] == {"upload": {"id": upload_id, "offset": 4, "length": 10,
+                                          "expires_at": expired["data"]["upload"]["expires_at"], "file_id": None}}
+
+
 async def test_an_endpoint_gets_only_the_events_it_asked_for(hook_db: str, tmp_path: Path,
                                                             receiver: Receiver) -> None:
     async with hooked(tmp_path, hook_db) as (server, http, _):
@@ -332,13 +367,48 @@ async def test_invalid_registrations_are_422(client: httpx.AsyncClient, user: Us
     assert said in problem["detail"]
 
 
+_REFUSAL = "; webhooks are not sent there (MEDIAD_WEBHOOK_ALLOW_PRIVATE=true allows private addresses)"
+
+
+@pytest.mark.parametrize(("host", "why"), [
+    ("64:ff9b::7f00:1", "127.0.0.1, a loopback address"),  # NAT64
+    ("64:ff9b:1::a00:1", "10.0.0.1, a private or reserved address"),  # local-use NAT64
+    ("2002:a00:1::1", "10.0.0.1, a private or reserved address"),  # 6to4
+    ("::7f00:1", "127.0.0.1, a loopback address"),  # IPv4-compatible
+    ("::ffff:0:c0a8:101", "192.168.1.1, a private or reserved address"),  # IPv4-translated
+    ("64:ff9b::a9fe:a9fe", "169.254.169.254, a cloud metadata address"),
+])
+async def test_ipv6_forms_of_refused_ipv4_addresses_are_refused(client: httpx.AsyncClient, user: User,
+                                                                host: str, why: str) -> None:
+    body = assert_problem(await client.post("/webhooks", json={"url": f"http://[{host}]/hook"}, headers=user.auth),
+                          422)
+    assert body["detail"] == f"the URL's host is {host}, an IPv6 form of {why}{_REFUSAL}"
+    assert (await client.get("/webhooks", headers=user.auth)).json() == {"webhooks": []}
+
+
+async def test_ipv6_forms_of_public_ipv4_addresses_are_accepted(client: httpx.AsyncClient, user: User) -> None:
+    for host in ("64:ff9b::808:808", "2002:808:808::1", "2606:4700:4700::1111"):
+        response = await client.post("/webhooks", json={"url": f"http://[{host}]/hook"}, headers=user.auth)
+        assert response.status_code == 201, response.text
+        assert (await client.delete(f"/webhooks/{response.json()['id']}", headers=user.auth)).status_code == 204
+
+
 async def test_metadata_addresses_are_refused_even_when_private_ones_are_allowed(
         hook_db: str, tmp_path: Path) -> None:
     async with hooked(tmp_path, hook_db) as (server, http, _):
         user = await make_user(http)
         for url in ("http://169.254.169.254/", "http://[fd00:ec2::254]/", "http://[::ffff:169.254.169.254]/"):
             assert_problem(await http.post("/webhooks", json={"url": url}, headers=user.auth), 422)
+        # 169.254.169.254 inside NAT64, 6to4, Teredo (as its client), IPv4-compatible, IPv4-translated
+        for host in ("64:ff9b::a9fe:a9fe", "2002:a9fe:a9fe::", "2001:0:4136:e378:8000:63bf:5601:5601",
+                     "::a9fe:a9fe", "::ffff:0:a9fe:a9fe"):
+            body = assert_problem(await http.post("/webhooks", json={"url": f"http://[{host}]/"}, headers=user.auth),
+                                  422)
+            assert body["detail"] == (f"the URL's host is {host}, an IPv6 form of 169.254.169.254, "
+                                      f"a cloud metadata address{_REFUSAL}")
         assert (await http.post("/webhooks", json={"url": "http://127.0.0.1:9/"}, headers=user.auth)).status_code == 201
+        assert (await http.post("/webhooks", json={"url": "http://[::7f00:1]:9/"}, headers=user.auth)
+                ).status_code == 201
 
 
 async def test_a_user_may_register_at_most_20_endpoints(hook_db: str, tmp_path: Path, receiver: Receiver) -> None:
@@ -395,3 +465,40 @@ async def test_a_named_host_is_called_at_its_checked_address_with_its_name_as_ho
     [got] = receiver.received
     assert got.verified and got.event["data"]["file"] == file
     assert got.headers["host"] == f"localhost:{receiver.port}"
+
+
+@pytest.mark.parametrize("dead", ["hanging", "failing", "refusing"])
+async def test_one_endpoints_backlog_leaves_other_users_deliveries_flowing(
+        hook_db: str, tmp_path: Path, receiver: Receiver, dead: str) -> None:
+    """20,000 due deliveries to one endpoint, older than anyone else's, that hang (its 8 slots stay
+    taken until cut off at 10 s), fail after a moment, or are refused at once (its slots free and
+    refill all the time): another user's event still goes out at once."""
+    receiver.delay_s["/dead"], receiver.status["/dead"] = (30.0, 204) if dead == "hanging" else (0.2, 500)
+    dead_url = f"http://127.0.0.1:{free_port()}/dead" if dead == "refusing" else receiver.url("/dead")
+    async with hooked(tmp_path, hook_db) as (server, http, _):
+        stuck, other = await make_user(http), await make_user(http)
+        created = await http.post("/webhooks", json={"url": dead_url, "events": ["file.created"]}, headers=stuck.auth)
+        assert created.status_code == 201, created.text
+        receiver.secrets["/dead"] = created.json()["secret"]
+        await register(http, other, receiver, "/live", events=["file.created"])
+        await _sql(hook_db, "INSERT INTO webhook_deliveries (id, endpoint_id, event_id, event, body, next_attempt_at)"
+                            " SELECT gen_random_uuid(), $1, gen_random_uuid(), 'file.created', '{}',"
+                            "  now() - interval '1 hour' + g * interval '1 ms' FROM generate_series(1, 20000) g",
+                   uuid.UUID(created.json()["id"]))
+
+        async def dead_busy() -> bool:
+            rows = await _sql(hook_db, "SELECT count(*) AS n FROM webhook_deliveries"
+                                       " WHERE attempts > 0 OR lease_until IS NOT NULL")
+            return rows[0]["n"] >= (8 if dead == "hanging" else 40)
+        await wait_for(dead_busy, 10, "the backlog's attempts")
+        file = await upload(http, other, b"for the other user")
+
+        async def delivered() -> bool:
+            return len(receiver.events("/live")) == 1
+        await wait_for(delivered, 5, "the other user's event while the backlog waits")
+        dead_attempts = len(receiver.events("/dead"))
+    [got] = [r for r in receiver.received if r.path == "/live"]
+    assert got.verified and got.event == {"type": "file.created", "timestamp": got.event["timestamp"],
+                                          "data": {"file": file}}
+    if dead == "hanging":  # within its first 10 s, the hanging endpoint had its 8 slots and no more
+        assert dead_attempts == 8
