@@ -55,6 +55,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._head_started = 0.0
         self._head_bytes = 0  # of the request line and headers parsed so far
         self._head_received = 0  # bytes received while the head is still incomplete
+        self._ended_in_read = False  # a request ended during the current read
         self._last_read = 0.0
         self._watchdog: asyncio.TimerHandle | None = None
         self._write_stall: asyncio.TimerHandle | None = None  # armed while the client reads nothing
@@ -78,10 +79,13 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self._lingering:
             return  # answered and closing: what the client still sends is read and dropped
         self._last_read = self.loop.time()
+        self._ended_in_read = False
         super().data_received(data)
-        if self._in_head and not self.transport.is_closing():
+        if self._in_head and not self._ended_in_read and not self.transport.is_closing():
             # A head still incomplete after this read: count what came, since httptools buffers a
-            # header's value until the value ends and only then calls on_header.
+            # header's value until the value ends and only then calls on_header. Not a read in
+            # which a pipelined request ended: the head began after that request's bytes, and
+            # its complete parts are counted by on_url and on_header all the same.
             self._head_received += len(data)
             if self._head_received > self.limits.max_header_bytes:
                 self._refuse(431, self._too_large_detail(), "request-header-fields-too-large")
@@ -128,6 +132,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._in_body = False
+        self._ended_in_read = True
         self._disarm()
         super().on_message_complete()
 

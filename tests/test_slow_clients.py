@@ -106,6 +106,28 @@ async def test_a_head_under_the_cap_is_served_however_it_is_split(guarded: Serve
     assert status_line.startswith(b"HTTP/1.1 200"), status_line
 
 
+async def test_a_pipelined_head_is_not_charged_for_the_body_read_with_it(guarded: Server,
+                                                                       http: httpx.AsyncClient) -> None:
+    """The tail of one request's body and the start of the next request's head may come in one
+    read: only the head's bytes count towards the cap."""
+    user = await make_user(http)
+    data = os.urandom(256 * 1024)
+    put = request_head("PUT", "/files?path=/pipelined.bin", {**user.auth, "Content-Length": str(len(data))})
+    get = request_head("GET", "/health", {})
+    tail = 4 * MAX_HEAD  # body bytes in the read that starts the next head: four caps' worth
+    async with raw_connection(guarded) as (reader, writer):
+        writer.write(put + data[:-tail])
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.write(data[-tail:] + get[:10])
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.write(get[10:])
+        answers = [await read_response(reader), await read_response(reader)]
+    assert [answer.status_code for answer in answers] == [201, 200]
+    assert answers[0].json()["sha256"] == hashlib.sha256(data).hexdigest()
+
+
 async def test_a_head_over_the_cap_that_never_ends_gets_431(guarded: Server) -> None:
     """httptools buffers a header value until it ends: the cap must hold for one still arriving."""
     async with raw_connection(guarded) as (reader, writer):
