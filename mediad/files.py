@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import unicodedata
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -87,7 +88,7 @@ async def list_(request: Request) -> JSONResponse:
     owner_id = await authenticate(request)
     params = request.query_params
     limit = parse_limit(params.get("limit"))
-    prefix = params.get("prefix") or None
+    prefix = unicodedata.normalize("NFC", params["prefix"]) if params.get("prefix") else None  # as paths are
     if prefix is not None and not prefix.startswith("/"):
         raise Unprocessable("prefix must be an absolute path (start with /)")
     if prefix is not None and "\x00" in prefix:  # PostgreSQL text cannot hold NUL: no path has one

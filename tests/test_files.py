@@ -216,6 +216,15 @@ async def test_prefix_filters_by_virtual_path(client: httpx.AsyncClient, user: U
     assert sorted(everything) == sorted(paths) and len(ids) == len(paths)
 
 
+async def test_a_prefix_matches_whatever_unicode_normal_form_it_is_sent_in(client: httpx.AsyncClient,
+                                                                         user: User) -> None:
+    """Paths are stored in NFC; a prefix typed on a system that sends NFD (macOS) finds them too."""
+    stored = await upload(client, user, path="/caf\u00e9/menu.txt")
+    for prefix in ("/caf\u00e9/", "/cafe\u0301/"):
+        listed = (await client.get("/files", headers=user.auth, params={"prefix": prefix})).json()["files"]
+        assert [f["id"] for f in listed] == [stored["id"]], prefix
+
+
 async def test_bad_limits_are_422(client: httpx.AsyncClient, user: User) -> None:
     for limit in ["0", "1001", "abc", "-1", "1.5", "1e3", " 5", "²", "99999999999999999999"]:
         response = await client.get("/files", headers=user.auth, params={"limit": limit})
