@@ -389,8 +389,9 @@ async def sign_out(request: Request) -> Response:
     tokens table's trigger notifies the download caches); an unknown token is 401."""
     digest = token_hash(bearer_token(request))
     async with request.app.state.engine.begin() as conn:
-        result = await conn.execute(sa.delete(db.tokens).where(db.tokens.c.token_hash == digest))
-    if result.rowcount != 1:
+        revoked = (await conn.execute(sa.delete(db.tokens).where(db.tokens.c.token_hash == digest)
+                                      .returning(db.tokens.c.id, db.tokens.c.user_id))).first()
+    if revoked is None:
         raise Unauthorized(UNKNOWN_TOKEN)
-    security_event("token.revoked", request, via="sign-out")
+    security_event("token.revoked", request, user_id=revoked.user_id, token_id=str(revoked.id), via="sign-out")
     return Response(status_code=204)

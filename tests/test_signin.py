@@ -410,12 +410,15 @@ def test_security_events_are_logged_once_without_secrets(database_url: str, tmp_
                             headers={"X-Request-Id": f"req-fail-{i}"})
             throttled = client.post("/auth/login", json={"name": name, "password": new_password},
                                     headers={"X-Request-Id": "req-throttled"})
-    assert (refused.status_code, changed.status_code, throttled.status_code) == (403, 204, 429)
+            signed_out = client.delete("/auth/token", headers={**bearer(created["token"]),
+                                                               "X-Request-Id": "req-signout"})
+    assert (refused.status_code, changed.status_code, throttled.status_code, signed_out.status_code) == (
+        403, 204, 429, 204)
     user_id = created["id"]
     events = security_lines(log_path)
     assert Counter(e["event"] for e in events) == {
         "user.created": 1, "token.created": 2, "signin.success": 1, "password.change_refused": 1,
-        "password.changed": 1, "token.revoked": 1, "signin.failure": 5, "signin.blocked": 1,
+        "password.changed": 1, "token.revoked": 2, "signin.failure": 5, "signin.blocked": 1,
         "signin.throttled": 1}
     for entry in events:
         assert entry["client"] == "10.0.7.1", entry
@@ -427,6 +430,7 @@ def test_security_events_are_logged_once_without_secrets(database_url: str, tmp_
     assert by_request["req-change"]["event"] in ("password.changed", "token.revoked")
     revoked = next(e for e in events if e["event"] == "token.revoked")
     assert (revoked["tokens"], revoked["request_id"]) == (1, "req-change")
+    assert (by_request["req-signout"]["event"], by_request["req-signout"]["via"]) == ("token.revoked", "sign-out")
     blocked = next(e for e in events if e["event"] == "signin.blocked")
     assert (blocked["by"], blocked["block_s"], blocked["request_id"]) == ("name", 1, "req-fail-4")
     assert next(e for e in events if e["event"] == "signin.throttled")["retry_after"] == 1
