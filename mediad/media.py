@@ -122,7 +122,9 @@ def exif_fields(raw: bytes) -> Media:
 
 def exif_time(stamp: Any, offset: Any) -> str | None:
     """EXIF "YYYY:MM:DD HH:MM:SS" (+ OffsetTime "+02:00") → RFC 3339 UTC. Without an offset the
-    camera's clock is taken as UTC: EXIF itself does not say which zone it was in."""
+    camera's clock is taken as UTC: EXIF itself does not say which zone it was in. A date that
+    names no moment (an offset no clock has, a UTC time before year 1 or after 9999) is None:
+    the tag is anyone's to write, and it must never cost the picture its probe."""
     if not isinstance(stamp, str):
         return None
     try:
@@ -132,9 +134,17 @@ def exif_time(stamp: Any, offset: Any) -> str | None:
     zone: timezone = UTC
     match = re.fullmatch(r"([+-])(\d\d):(\d\d)", offset.strip("\x00 ")) if isinstance(offset, str) else None
     if match:
-        delta = timedelta(hours=int(match.group(2)), minutes=int(match.group(3)))
+        hours, minutes = int(match.group(2)), int(match.group(3))
+        if hours > 23 or minutes > 59:  # timezone() refuses a day or more; minutes past 59 are no offset
+            return None
+        delta = timedelta(hours=hours, minutes=minutes)
         zone = timezone(delta if match.group(1) == "+" else -delta)
-    return moment.replace(tzinfo=zone).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    try:
+        utc = moment.replace(tzinfo=zone).astimezone(UTC)
+    except OverflowError:  # 0001-01-01 00:00 +02:00 is in year 0, 9999-12-31 23:00 -02:00 in 10000
+        return None
+    # isoformat, not strftime: glibc's %Y writes year 999 as "999", RFC 3339 wants four digits.
+    return utc.replace(tzinfo=None).isoformat(timespec="seconds") + "Z"
 
 
 def camera_name(make: Any, model: Any) -> str | None:
