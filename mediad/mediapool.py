@@ -28,7 +28,13 @@ _NICENESS = 5  # the event loop and PostgreSQL come first when the cores are con
 
 
 class WorkerFailed(Exception):
-    """The job did not produce a result; the message is a sentence for the user."""
+    """The job did not produce a result; the message is a sentence for the user. `lasting`: the
+    input is the cause (it fails, times out or crashes its decoder), so trying it again fails
+    again; not so when the worker's own file I/O failed (a full disk)."""
+
+    def __init__(self, reason: str, *, lasting: bool = True) -> None:
+        super().__init__(reason)
+        self.lasting = lasting
 
 
 class Busy(Exception):
@@ -94,7 +100,7 @@ class MediaPool:
         finally:
             self._slots.release()
         if "error" in reply:
-            raise WorkerFailed(reply["error"])
+            raise WorkerFailed(reply["error"], lasting=reply.get("lasting", True))
         return reply["result"]
 
     async def _acquire(self, wait: float | None) -> None:
@@ -139,6 +145,11 @@ def _answer(job: dict[str, Any]) -> dict[str, Any]:
         return {"error": str(exc)}
     except MemoryError:
         return {"error": "decoding it needs more memory than a media worker may use"}
+    except OSError:
+        # The decoders' errors are caught as theirs (pyvips.Error, av.FFmpegError) before here:
+        # this is our own I/O, writing a thumbnail (a full disk, its folder removed meanwhile).
+        traceback.print_exc(file=sys.stderr)
+        return {"error": "the server could not write the result to its disk", "lasting": False}
     except Exception:  # a library bug on odd input: the job fails, the worker lives on
         traceback.print_exc(file=sys.stderr)
         return {"error": "the decoder failed on this file"}

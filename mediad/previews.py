@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from . import links
 from .auth import authenticate
 from .cloud import CloudError, Store, cloud_key
 from .downloads import evaluate_preconditions, owned_by_bearer
-from .errors import NotFound, PreconditionFailed, ServiceUnavailable
+from .errors import NotFound, PreconditionFailed, ServiceUnavailable, Unprocessable
 from .files import parse_file_id
 from .storage import Storage
 from .thumbnails import MEDIA_TYPES, choose_format, etag, parse_size
@@ -28,7 +29,9 @@ _CACHE_CONTROL = "private, max-age=31536000, immutable"  # the URL carries the c
 @contextlib.asynccontextmanager
 async def readable_copy(storage: Storage, store: Store | None, row: Row[Any]) -> AsyncIterator[Path]:
     """The File's content as a path a worker can open: its blob on this disk, else a temporary
-    copy read back from its cloud copy in `store` (removed afterwards)."""
+    copy read back from its cloud copy in `store` (removed afterwards). Entered by the shared
+    generation in Thumbnailer.make, not by a request: no requester going away can remove a copy
+    the others' job still needs, and they share one read-back."""
     if row.node == storage.node_id:
         yield storage.blob_path(row.blob_id)
         return
@@ -61,10 +64,20 @@ def no_picture_reason(row: Row[Any]) -> str | None:
     return None
 
 
+def _size_to_verify(text: str | None) -> int:
+    """The size a signed link's signature is checked against. A size no link can carry was never
+    signed (links.parse_options refuses it), so 0 stands in for it: it fails verification like
+    any other altered parameter, a 403 rather than the 422 of a malformed request."""
+    try:
+        return parse_size(text)
+    except Unprocessable:
+        return 0
+
+
 async def thumbnail(request: Request) -> Response:
-    size = parse_size(request.query_params.get("size"))
+    text = request.query_params.get("size")
     if "signature" in request.query_params:  # a signed thumbnail link, as for /content
-        fetch = links.signed_fetch(request, size)
+        fetch = links.signed_fetch(request, _size_to_verify(text))
     else:
         try:
             file_id = parse_file_id(request.path_params["file_id"])
@@ -75,6 +88,7 @@ async def thumbnail(request: Request) -> Response:
     state = request.app.state
     async with state.reader.connect() as conn:
         row = await fetch(conn)
+    size = parse_size(text)  # after the token or signature: 401 and 403 come before a 422
     fmt = choose_format(request.headers.get("accept"))
     headers = {"etag": etag(row.sha256, size, fmt), "vary": "Accept", "cache-control": _CACHE_CONTROL}
     outcome = evaluate_preconditions(request.headers, headers["etag"], row.updated_at)
@@ -87,8 +101,8 @@ async def thumbnail(request: Request) -> Response:
         raise NotFound(reason)
     body = await state.thumbnails.cached(row.blob_id, size, fmt)
     if body is None:
-        async with readable_copy(state.storage, state.store, row) as source:
-            body = await state.thumbnails.make(row.blob_id, source, row.media_kind, size, fmt)
+        source = functools.partial(readable_copy, state.storage, state.store, row)
+        body = await state.thumbnails.make(row.blob_id, source, row.media_kind, size, fmt)
     headers["x-content-type-options"] = "nosniff"
     if request.method == "HEAD":  # the length a GET would send, and no body (whatever the server)
         headers["content-length"] = str(len(body))

@@ -9,7 +9,9 @@ Derived files live under `<data dir>/derived/<blob>/`, one directory per stored 
 go with the content (delete, replace) and are no one's usage. They are never replicated; they are
 kept when the content is evicted to the cloud, since they are what a gallery of evicted files
 still needs, and one not made yet (or lost) is made again from a temporary copy read back from
-the cloud.
+the cloud. When making one fails for a reason in the content (it does not decode, it runs past
+the time allowed, it crashes its decoder), `failed.g<generation>` in that directory keeps the
+reason, and requests for any size or format are answered from it without a job for an hour.
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +40,12 @@ MEDIA_TYPES = {"webp": "image/webp", "jpeg": "image/jpeg"}
 _QUALITY = {"webp": 80, "jpeg": 82}
 HOT_BYTES = 16 * 1024 * 1024  # recently served thumbnails kept in memory: a gallery asks again and again
 _WAIT_FOR_WORKER_S = 10.0  # then 503: a thumbnail that waits longer than this is better retried
+# A failure is answered from its marker for this long, then tried once more: a timeout or a
+# crashed worker may have been the machine's (overloaded, short of memory), not the content's.
+_FAILURE_KEPT_S = 3600.0
+
+# Opens the content as a path a worker can read, for as long as the context lasts.
+Source = Callable[[], AbstractAsyncContextManager[Path]]
 
 
 class NoPicture(ProbeFailed):
@@ -88,6 +99,14 @@ def etag(sha256: str, size: int, fmt: str) -> str:
 
 def cache_path(root: Path, blob_id: uuid.UUID, size: int, fmt: str) -> Path:
     return derived_dir(root, blob_id) / f"{size}.g{GENERATION}.{fmt}"
+
+
+def failure_path(root: Path, blob_id: uuid.UUID) -> Path:
+    """Why no thumbnail can be made of a content. One per content, not per size or format: what
+    fails (the format, damage, the pixel limit, a decoder that hangs or crashes) is in the
+    decoding, and only the scaling and encoding after it depend on the size and format asked
+    for. The generation is in the name so that a change to how thumbnails are made tries again."""
+    return derived_dir(root, blob_id) / f"failed.g{GENERATION}"
 
 
 def fit(width: int, height: int, size: int) -> tuple[int, int]:
@@ -196,6 +215,37 @@ def _read_if_there(path: Path) -> bytes | None:
         return None
 
 
+def _look_up(target: Path, failure: Path) -> tuple[bytes | None, str | None]:
+    """The thumbnail made before, else the reason none can be made, if one was kept within the
+    last _FAILURE_KEPT_S (blocking)."""
+    data = _read_if_there(target)
+    if data is not None:
+        return data, None
+    try:
+        if time.time() - failure.stat().st_mtime > _FAILURE_KEPT_S:
+            return None, None
+    except FileNotFoundError:
+        return None, None
+    reason = _read_if_there(failure)
+    # Empty: a marker a power cut caught before its bytes were on disk; it only costs a retry.
+    return None, reason.decode("utf-8", "replace") if reason else None
+
+
+def _keep_failure(failure: Path, source: Path, reason: str) -> None:
+    """Keep why the content has no thumbnail (blocking). Best effort: a marker that cannot be
+    written costs one more job later, never this request's answer."""
+    if not source.exists():  # gone before the decoder opened it (evicted): not the content's failure
+        return
+    temp = failure.with_name(f"{failure.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        temp.write_text(reason, encoding="utf-8")
+        os.replace(temp, failure)  # whole or not at all, also across a crash
+    except OSError:  # the content was removed meanwhile (its folder too), or the disk is full
+        pass
+    finally:
+        temp.unlink(missing_ok=True)
+
+
 class Thumbnailer:
     """Finds or makes derived files; one generation per cache path however many ask at once."""
 
@@ -209,13 +259,16 @@ class Thumbnailer:
 
     async def cached(self, blob_id: uuid.UUID, size: int, fmt: str) -> bytes | None:
         """A thumbnail made before (from memory, else read in one thread hop); None when there
-        is none yet."""
+        is none yet; NotFound with the reason when making one of this content failed before."""
         key = (blob_id, size, fmt)
         data = self._hot.get(key)
         if data is not None:
             self._hot.move_to_end(key)
             return data
-        data = await asyncio.to_thread(_read_if_there, cache_path(self.root, blob_id, size, fmt))
+        data, failure = await asyncio.to_thread(_look_up, cache_path(self.root, blob_id, size, fmt),
+                                                failure_path(self.root, blob_id))
+        if failure is not None:
+            raise NotFound(f"no thumbnail can be made for this file: {failure}")
         if data is not None:
             self._remember(key, data)
         return data
@@ -229,16 +282,16 @@ class Thumbnailer:
             _, dropped = self._hot.popitem(last=False)
             self._hot_bytes -= len(dropped)
 
-    async def make(self, blob_id: uuid.UUID, source: Path, kind: str, size: int, fmt: str) -> bytes:
-        """Make the thumbnail from `source` (once, however many ask at the same time) and return it:
-        NotFound with the reason when there is no picture, ServiceUnavailable when every worker
-        stays busy."""
+    async def make(self, blob_id: uuid.UUID, source: Source, kind: str, size: int, fmt: str) -> bytes:
+        """Make the thumbnail from the content `source` opens (once, however many ask at the same
+        time) and return it: NotFound with the reason when there is no picture, ServiceUnavailable
+        when every worker stays busy; whatever opening the source raises."""
         target = cache_path(self.root, blob_id, size, fmt)
         task = self._making.get(target)
         if task is None:
-            job = {"op": "thumbnail", "path": str(source), "kind": kind, "size": size, "format": fmt,
-                   "out": str(target), "max_pixels": self.max_pixels}
-            task = asyncio.create_task(self._generate(target, job))
+            job = {"op": "thumbnail", "kind": kind, "size": size, "format": fmt, "out": str(target),
+                   "max_pixels": self.max_pixels}
+            task = asyncio.create_task(self._generate(target, failure_path(self.root, blob_id), source, job))
             self._making[target] = task
             task.add_done_callback(lambda _: self._making.pop(target, None))
         try:
@@ -252,9 +305,21 @@ class Thumbnailer:
             raise NotFound("the file's content changed while its thumbnail was being made")
         return made
 
-    async def _generate(self, target: Path, job: dict[str, Any]) -> None:
-        await asyncio.to_thread(target.parent.mkdir, parents=True, exist_ok=True)
-        await self.pool.run(job, wait=_WAIT_FOR_WORKER_S)
+    async def _generate(self, target: Path, failure: Path, source: Source, job: dict[str, Any]) -> None:
+        # The shared task opens the source itself, so a copy read back from the cloud lives as long
+        # as the job needs it. Were it the first requester's, that request being cancelled would
+        # remove it under the others' job, and each requester joining would read back a copy of
+        # its own for nothing.
+        async with source() as path:
+            await asyncio.to_thread(target.parent.mkdir, parents=True, exist_ok=True)
+            try:
+                await self.pool.run({**job, "path": str(path)}, wait=_WAIT_FOR_WORKER_S)
+            except WorkerFailed as exc:
+                # Kept, or a hostile file would cost a worker up to the whole timeout again for
+                # each of its ~4,000 sizes and formats, and the probes waiting for the pool with it.
+                if exc.lasting:
+                    await asyncio.to_thread(_keep_failure, failure, path, str(exc))
+                raise
 
     def derived_blobs(self) -> set[uuid.UUID]:
         """The contents that have derived files on disk (blocking)."""

@@ -142,16 +142,18 @@ def wav(*, seconds: float = 1.0, rate: int = 22050, channels: int = 1) -> bytes:
     return buffer.getvalue()
 
 
-def photo(*, width: int = 400, height: int = 300, orientation: int = 6) -> bytes:
-    """A JPEG whose stored left half is red and right half blue, with EXIF orientation, date,
-    camera and GPS (which must never come out of mediad)."""
+def photo(*, width: int = 400, height: int = 300, orientation: int = 6, taken: str = "2026:05:01 12:00:00",
+          offset: str | None = "+02:00") -> bytes:
+    """A JPEG whose stored left half is red and right half blue, with EXIF orientation, date
+    (DateTimeOriginal `taken`, OffsetTimeOriginal `offset` unless None), camera and GPS (which
+    must never come out of mediad)."""
     picture = Image.new("RGB", (width, height), (220, 0, 0))
     picture.paste((0, 0, 220), (width // 2, 0, width, height))
     exif = Image.Exif()
     exif[0x0112] = orientation
     exif[0x010F] = "Canon"
     exif[0x0110] = "Canon EOS R5"
-    exif.get_ifd(0x8769).update({0x9003: "2026:05:01 12:00:00", 0x9011: "+02:00"})
+    exif.get_ifd(0x8769).update({0x9003: taken, **({} if offset is None else {0x9011: offset})})
     exif.get_ifd(0x8825).update({1: "N", 2: (52.0, 31.0, 12.0), 3: "E", 4: (13.0, 24.0, 36.0)})
     buffer = io.BytesIO()
     picture.save(buffer, "JPEG", exif=exif.tobytes(), quality=90)

@@ -105,6 +105,29 @@ async def test_images_with_exif_orientation_and_no_gps(client: httpx.AsyncClient
     assert avif == {"kind": "image", "status": "ready", "error": None, "width": 64, "height": 48, "orientation": 1}
 
 
+@pytest.mark.parametrize(("taken", "offset", "taken_at"), [
+    ("0001:01:01 00:00:00", "+02:00", None),  # in UTC that is year 0
+    ("9999:12:31 23:59:59", "-02:00", None),  # and that is year 10000
+    ("2026:05:01 12:00:00", "+25:00", None),  # no clock is a day or more from UTC
+    ("2026:05:01 12:00:00", "+02:60", None),
+    ("0999:01:01 12:00:00", None, "0999-01-01T12:00:00Z"),  # RFC 3339: four digits of year
+    ("0999:06:01 12:00:00", "+01:30", "0999-06-01T10:30:00Z"),
+    ("2026:05:01 00:30:00", "+01:00", "2026-04-30T23:30:00Z"),
+])
+async def test_an_odd_exif_date_is_no_date(client: httpx.AsyncClient, user: User, taken: str,
+                                           offset: str | None, taken_at: str | None) -> None:
+    # Whatever the date tag says, the picture itself is fine: it is probed and has a thumbnail.
+    created = await upload(client, user, samples.photo(width=64, height=48, orientation=1, taken=taken,
+                                                       offset=offset), name="odd-date.jpg")
+    media = (await probed(client, user, created["id"]))["media"]
+    expected = {"kind": "image", "status": "ready", "error": None, "width": 64, "height": 48,
+                "orientation": 1, "camera": "Canon EOS R5"}
+    assert media == (expected if taken_at is None else {**expected, "taken_at": taken_at})
+    thumb = await client.get(f"/files/{created['id']}/thumbnail", params={"size": "32"}, headers=user.auth)
+    assert thumb.status_code == 200, thumb.text
+    assert (samples.decode(thumb.content).width, samples.decode(thumb.content).height) == (32, 24)
+
+
 async def test_other_files_are_ready_at_once(client: httpx.AsyncClient, user: User) -> None:
     # Nothing to probe in a text file: its media is known in the upload's answer already.
     created = await upload(client, user, b"just some notes\n", name="notes.txt")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import statistics
 import time
 import uuid
@@ -181,6 +182,23 @@ async def test_size_and_auth(client: httpx.AsyncClient, user: User, other_user: 
     assert_problem(await thumb(client, user, "not-a-uuid"), 404)
 
 
+async def test_the_size_is_checked_after_the_token_and_the_signature(client: httpx.AsyncClient,
+                                                                     user: User) -> None:
+    file = await upload(client, user, samples.png_alpha(), name="order.png")
+    for bad in ("5", "2049", "abc", ""):
+        for headers in ({}, {"Authorization": "Bearer not-a-token"}):
+            assert_problem(await client.get(f"/files/{file['id']}/thumbnail", params={"size": bad},
+                                            headers=headers), 401)
+        assert_problem(await client.get("/files/not-a-uuid/thumbnail", params={"size": bad}), 401)
+        assert_problem(await client.get(f"/files/{file['id']}/thumbnail", params={"size": bad},
+                                        headers=user.auth), 422)
+    path = (await client.post(f"/files/{file['id']}/links", headers=user.auth, json={"thumbnail": 64})).json()["path"]
+    for bad in ("5", "2049", "abc", "", "65"):  # a signed parameter altered, in range or not: 403
+        body = assert_problem(await client.get(path.replace("size=64", f"size={bad}"), headers=WEBP), 403)
+        assert body["detail"] == "this link is not valid: it was altered, or the file was replaced or deleted"
+    assert (await client.get(path, headers=WEBP)).status_code == 200
+
+
 async def test_signed_thumbnail_links(client: httpx.AsyncClient, user: User) -> None:
     file = await upload(client, user, samples.photo(width=400, height=300, orientation=1), path="/l/pic.jpg")
     created = await client.post(f"/files/{file['id']}/links", headers=user.auth, json={"thumbnail": 64})
@@ -242,6 +260,26 @@ async def test_busy_thumbnails_leave_the_server_responsive(client: httpx.AsyncCl
                           ).hexdigest() == file["sha256"]
 
 
+async def _evict(http: httpx.AsyncClient, user: User, file: dict[str, Any], settings: Any,
+                 database_url: str) -> None:
+    """Once the File is probed and stored in the cloud, evict its local copy as the cleanup would
+    (not before: a pending probe keeps it)."""
+    await probed(http, user, file["id"])
+    for _ in range(400):
+        if (await http.get(f"/files/{file['id']}", headers=user.auth)).json()["cloud"]["state"] == "stored":
+            break
+        await asyncio.sleep(0.05)
+    engine = create_engine(database_url, settings)
+    try:
+        storage = Storage(settings.data_dir)
+        storage.prepare()
+        report = await sweep(engine, storage, settings, now=datetime.now(UTC) + timedelta(days=30))
+    finally:
+        await engine.dispose()
+    assert report.evicted_files == 1
+    assert (await http.get(f"/files/{file['id']}", headers=user.auth)).json()["local"] is False
+
+
 async def test_thumbnails_outlive_eviction_and_are_made_from_the_cloud(database_url: str, tmp_path: Path,
                                                                        mock_cloud: MockCloud) -> None:
     settings = cloud_settings(tmp_path / "data", mock_cloud, cleanup_interval_s=0)
@@ -250,25 +288,83 @@ async def test_thumbnails_outlive_eviction_and_are_made_from_the_cloud(database_
             user = await make_user(http)
             file = await upload(http, user, samples.photo(width=400, height=300, orientation=6), name="e.jpg")
             made = await thumb(http, user, file["id"], 32)
-            for _ in range(400):
-                if (await http.get(f"/files/{file['id']}", headers=user.auth)).json()["cloud"]["state"] == "stored":
-                    break
-                await asyncio.sleep(0.05)
-            engine = create_engine(database_url, settings)
-            try:
-                storage = Storage(settings.data_dir)
-                storage.prepare()
-                report = await sweep(engine, storage, settings, now=datetime.now(UTC) + timedelta(days=30))
-            finally:
-                await engine.dispose()
-            assert report.evicted_files == 1
-            assert (await http.get(f"/files/{file['id']}", headers=user.auth)).json()["local"] is False
+            await _evict(http, user, file, settings, database_url)
             kept = await thumb(http, user, file["id"], 32)  # derived files stay: the gallery still works
             assert kept.status_code == 200 and kept.content == made.content
             fresh = await thumb(http, user, file["id"], 40)  # made from a copy read back from the cloud
             assert fresh.status_code == 200, fresh.text
             assert (samples.decode(fresh.content).width, samples.decode(fresh.content).height) == (30, 40)
             assert running.stray_temp_files() == [] and running.blob_files() == []
+
+
+async def test_requests_for_one_thumbnail_share_one_copy_from_the_cloud(database_url: str, tmp_path: Path,
+                                                                        mock_cloud: MockCloud) -> None:
+    settings = cloud_settings(tmp_path / "data", mock_cloud, cleanup_interval_s=0)
+    with serve_in_thread(settings, database_url) as running:
+        async with httpx.AsyncClient(base_url=running.url, timeout=60) as http:
+            user = await make_user(http)
+            file = await upload(http, user, samples.photo(width=400, height=300, orientation=6), name="s.jpg")
+            await _evict(http, user, file, settings, database_url)
+            async with mock_cloud.client() as cloud:
+                assert (await cloud.post("/admin/reset-stats")).status_code == 204
+            await mock_cloud.set_faults(delay_s=0.5)  # each read-back takes a while: the requests overlap
+            leaving = httpx.AsyncClient(base_url=running.url, timeout=60)
+            first = asyncio.create_task(thumb(leaving, user, file["id"], 40))
+            await asyncio.sleep(0.2)
+            others = [asyncio.create_task(thumb(http, user, file["id"], 40)) for _ in range(3)]
+            await asyncio.sleep(0.1)
+            first.cancel()  # the first asker goes away while its copy is read back
+            await asyncio.gather(first, return_exceptions=True)
+            await leaving.aclose()
+            answers = await asyncio.gather(*others)
+            for answer in answers:
+                assert answer.status_code == 200, answer.text
+                assert answer.content == answers[0].content
+            assert (samples.decode(answers[0].content).width, samples.decode(answers[0].content).height) == (30, 40)
+            assert (await mock_cloud.stats())["gets"] == 1  # one copy read back, for all of them
+            assert running.stray_temp_files() == [] and running.blob_files() == []
+
+
+async def test_a_failed_thumbnail_is_remembered_for_its_content(database_url: str, tmp_path: Path) -> None:
+    # 3.6 gigapixels of 1-bit PNG under a raised pixel limit: its header probes in a moment, but a
+    # picture of it decodes every row, for seconds longer than the 2 s a job may take.
+    settings = make_settings(tmp_path / "data", media_timeout_s=2.0, media_max_pixels=4_000_000_000)
+    reason = "no thumbnail can be made for this file: it took longer than the 2 s allowed and was stopped"
+    with serve_in_thread(settings, database_url) as running:
+        async with httpx.AsyncClient(base_url=running.url, timeout=60) as http:
+            user = await make_user(http)
+            file = await upload(http, user, samples.png_bomb(60000), path="/slow.png")
+            media = (await probed(http, user, file["id"]))["media"]
+            assert (media["status"], media["width"]) == ("ready", 60000)
+            started = time.monotonic()
+            assert assert_problem(await thumb(http, user, file["id"], 64), 404)["detail"] == reason
+            assert time.monotonic() - started >= 2.0
+            # Any size and format of that content: answered at once, no job run (it would take 2 s).
+            for size, accept in ((64, WEBP), (65, WEBP), (64, JPEG), (2048, JPEG)):
+                started = time.monotonic()
+                assert assert_problem(await thumb(http, user, file["id"], size, accept), 404)["detail"] == reason
+                assert time.monotonic() - started < 1.0
+    with serve_in_thread(settings, database_url) as running:  # kept on disk: a restart remembers
+        async with httpx.AsyncClient(base_url=running.url, timeout=60) as http:
+            started = time.monotonic()
+            assert assert_problem(await thumb(http, user, file["id"], 100), 404)["detail"] == reason
+            assert time.monotonic() - started < 1.0
+            # After an hour the content gets one more try: the timeout may have been the machine's.
+            [marker] = [p for p in _derived(running) if p.name.startswith("failed.")]
+            os.utime(marker, (time.time() - 3700, time.time() - 3700))
+            started = time.monotonic()
+            assert assert_problem(await thumb(http, user, file["id"], 100), 404)["detail"] == reason
+            assert time.monotonic() - started >= 2.0
+            started = time.monotonic()
+            assert assert_problem(await thumb(http, user, file["id"], 100), 404)["detail"] == reason
+            assert time.monotonic() - started < 1.0
+            # A new content is a new chance; the old one's failure went with it.
+            await upload(http, user, samples.png_alpha(64, 48), path="/slow.png", replaces=True)
+            await probed(http, user, file["id"])
+            made = await thumb(http, user, file["id"], 64)
+            assert made.status_code == 200, made.text
+            assert (samples.decode(made.content).width, samples.decode(made.content).height) == (64, 48)
+            assert [p.name for p in _derived(running)] == ["64.g1.webp"]
 
 
 async def test_stray_thumbnails_are_removed_at_start(database_url: str, tmp_path: Path) -> None:
