@@ -557,3 +557,53 @@ class Oracle:
 
     async def content(self, key: str) -> bytes:
         return bytes((await self.call("get_object", Key=key))["Body"].read())
+
+
+# ---- helpers shared by several test modules ------------------------------------------------------
+
+async def probed(http: httpx.AsyncClient, user: User, file_id: str, seconds: float = 40) -> dict[str, Any]:
+    """The File once its media is known (probing runs right after the upload)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        response = await http.get(f"/files/{file_id}", headers=user.auth)
+        assert response.status_code == 200, response.text
+        file: dict[str, Any] = response.json()
+        if file["media"] is not None:
+            return file
+        assert time.monotonic() < deadline, f"not probed within {seconds} s"
+        await asyncio.sleep(0.05)
+
+
+async def file_state(http: httpx.AsyncClient, auth: dict[str, str], file_id: str) -> dict[str, Any]:
+    return (await http.get(f"/files/{file_id}", headers=auth)).json()
+
+
+async def stored(http: httpx.AsyncClient, auth: dict[str, str], file_id: str) -> bool:
+    return (await file_state(http, auth, file_id))["cloud"]["state"] == "stored"
+
+
+async def blob_id(database_url: str, file_id: str) -> uuid.UUID:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return await conn.fetchval("SELECT blob_id FROM files WHERE id = $1", uuid.UUID(file_id))
+    finally:
+        await conn.close()
+
+
+async def register(http: httpx.AsyncClient, user: User, receiver: Receiver, path: str = "/hook",
+                   events: list[str] | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"url": receiver.url(path)}
+    if events is not None:
+        body["events"] = events
+    response = await http.post("/webhooks", json=body, headers=user.auth)
+    assert response.status_code == 201, response.text
+    created = response.json()
+    assert created["secret"].startswith("whsec_") and len(base64.b64decode(created["secret"][6:])) == 32
+    receiver.secrets[path] = created["secret"]
+    return created
+
+
+async def arrived(receiver: Receiver, count: int, what: str, timeout: float = 20) -> None:
+    async def enough() -> bool:
+        return len(receiver.received) >= count
+    await wait_for(enough, timeout, what)

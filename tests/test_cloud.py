@@ -11,34 +11,28 @@ import sys
 import threading
 import uuid
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import httpx
 import pytest
-from conftest import MockCloud, Server, asgi_in_thread, cloud_settings, make_user, serve_in_thread, wait_for
+from conftest import (
+    MockCloud,
+    Server,
+    asgi_in_thread,
+    blob_id,
+    cloud_settings,
+    file_state,
+    make_user,
+    serve_in_thread,
+    stored,
+    wait_for,
+)
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from mediad.cloud import cloud_key, retry_delay
-
-
-async def file_state(http: httpx.AsyncClient, auth: dict[str, str], file_id: str) -> dict[str, Any]:
-    return (await http.get(f"/files/{file_id}", headers=auth)).json()
-
-
-async def stored(http: httpx.AsyncClient, auth: dict[str, str], file_id: str) -> bool:
-    return (await file_state(http, auth, file_id))["cloud"]["state"] == "stored"
-
-
-async def blob_id(database_url: str, file_id: str) -> uuid.UUID:
-    conn = await asyncpg.connect(database_url)
-    try:
-        return await conn.fetchval("SELECT blob_id FROM files WHERE id = $1", uuid.UUID(file_id))
-    finally:
-        await conn.close()
 
 
 def test_retry_delay_grows_exponentially_with_jitter_and_a_cap() -> None:

@@ -8,7 +8,6 @@ import base64
 import json
 import os
 import signal
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -17,24 +16,20 @@ import asyncpg
 import httpx
 import media_samples as samples
 import pytest
-from conftest import User, assert_problem, make_settings, make_user, mediad_process, serve_in_thread, upload
+from conftest import (
+    User,
+    assert_problem,
+    make_settings,
+    make_user,
+    mediad_process,
+    probed,
+    serve_in_thread,
+    upload,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
 _IMAGE_KEYS = {"kind", "status", "error", "width", "height", "orientation"}
-
-
-async def probed(http: httpx.AsyncClient, user: User, file_id: str, seconds: float = 40) -> dict[str, Any]:
-    """The File once its media is known (probing runs right after the upload)."""
-    deadline = time.monotonic() + seconds
-    while True:
-        response = await http.get(f"/files/{file_id}", headers=user.auth)
-        assert response.status_code == 200, response.text
-        file: dict[str, Any] = response.json()
-        if file["media"] is not None:
-            return file
-        assert time.monotonic() < deadline, f"not probed within {seconds} s"
-        await asyncio.sleep(0.05)
 
 
 async def _probe(http: httpx.AsyncClient, user: User, data: bytes, name: str) -> dict[str, Any]:

@@ -24,10 +24,10 @@ from conftest import (
     cloud_settings,
     make_settings,
     make_user,
+    probed,
     serve_in_thread,
     upload,
 )
-from test_media import probed
 
 from mediad.cleanup import sweep
 from mediad.db import create_engine

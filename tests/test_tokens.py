@@ -11,11 +11,12 @@ from conftest import (
     Server,
     User,
     assert_problem,
+    blob_id,
     make_user,
+    stored,
     upload,
     wait_for,
 )
-from test_cloud import blob_id, stored
 
 from mediad.cloud import cloud_key
 

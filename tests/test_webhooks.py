@@ -22,12 +22,14 @@ from conftest import (
     Receiver,
     Server,
     User,
+    arrived,
     assert_problem,
     cloud_settings,
     free_port,
     fresh_database,
     make_settings,
     make_user,
+    register,
     serve_in_thread,
     tus_metadata,
     upload,
@@ -73,25 +75,6 @@ async def hooked(tmp_path: Path, database_url: str, cloud: MockCloud | None = No
     with serve_in_thread(settings, database_url) as running:
         async with httpx.AsyncClient(base_url=running.url, timeout=60) as http:
             yield running, http, settings
-
-
-async def register(http: httpx.AsyncClient, user: User, receiver: Receiver, path: str = "/hook",
-                   events: list[str] | None = None) -> dict[str, Any]:
-    body: dict[str, Any] = {"url": receiver.url(path)}
-    if events is not None:
-        body["events"] = events
-    response = await http.post("/webhooks", json=body, headers=user.auth)
-    assert response.status_code == 201, response.text
-    created = response.json()
-    assert created["secret"].startswith("whsec_") and len(base64.b64decode(created["secret"][6:])) == 32
-    receiver.secrets[path] = created["secret"]
-    return created
-
-
-async def arrived(receiver: Receiver, count: int, what: str, timeout: float = 20) -> None:
-    async def enough() -> bool:
-        return len(receiver.received) >= count
-    await wait_for(enough, timeout, what)
 
 
 def _wav(seconds: float = 0.1, rate: int = 8000) -> bytes:

@@ -10,8 +10,13 @@ import time
 from typing import Any
 
 import httpx
-from conftest import Receiver, User, make_user
-from test_webhooks import arrived, register
+from conftest import (
+    Receiver,
+    User,
+    arrived,
+    make_user,
+    register,
+)
 
 from .conftest import NodeFactory, query, wait_until
 
