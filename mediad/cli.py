@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 
 from . import __version__, admin, mockcloud
 from .config import ConfigError, Settings, load_settings
@@ -42,6 +45,33 @@ def _cloud_retry(settings: Settings, file_id: str | None) -> int:
     return 0 if ids or target is None else 1
 
 
+class _Terminated(SystemExit):
+    """SIGTERM, raised wherever the command is so that its finally blocks run."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM unwinds a command as Ctrl-C does: by default it kills at once, and a command using
+    the embedded PostgreSQL would leave it running with nobody to stop it. It exits 143 (128 + 15,
+    as a shell reports a process killed by SIGTERM); `mediad cleanup`'s loop turns that into 0.
+    Every SIGTERM raises, not just the first: one raised where Python only prints exceptions (an
+    at-fork hook) is lost, and the next must still stop the command; starting and stopping the
+    embedded PostgreSQL hold signals back themselves. Only on the main thread (`main` is called
+    in-process too), and undone afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        raise _Terminated(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 def _cleanup(settings: Settings, *, once: bool, dry_run: bool) -> int:
     """`mediad cleanup`: the same pass the server's loop runs, for cron or a Procfile worker."""
     import asyncio
@@ -53,6 +83,11 @@ def _cleanup(settings: Settings, *, once: bool, dry_run: bool) -> int:
 
     storage = Storage(settings.data_dir, durable=settings.fsync)
     storage.prepare()
+    # MEDIAD_CLEANUP_INTERVAL_S=0 switches the server's own loop off, which is when this runs as a
+    # worker beside it (with the same settings, as under the Procfile): a pass every 0 s would spin.
+    interval = settings.cleanup_interval_s or Settings.cleanup_interval_s
+    if not once and not settings.cleanup_interval_s:
+        log.info("MEDIAD_CLEANUP_INTERVAL_S=0 switches off the server's loop only; a pass every %g s", interval)
 
     async def run(url: str) -> int:
         engine = db.create_engine(url, settings)
@@ -65,12 +100,20 @@ def _cleanup(settings: Settings, *, once: bool, dry_run: bool) -> int:
                 print(json.dumps(report.summary()), flush=True)
                 if once:
                     return 1 if report.missing else 0
-                await asyncio.sleep(settings.cleanup_interval_s)
+                await asyncio.sleep(interval)
         finally:
             await engine.dispose()
 
-    with database(settings.database_url, settings.data_dir) as url:
-        return asyncio.run(run(url))
+    try:
+        with database(settings.database_url, settings.data_dir) as url:
+            return asyncio.run(run(url))
+    except (_Terminated, KeyboardInterrupt):
+        if once:
+            raise
+        # SIGTERM or Ctrl-C is how a worker is stopped (honcho, docker stop, systemd), whenever it
+        # comes: a pass cut short changed rows before bytes, and what it left the next one sweeps.
+        log.info("mediad cleanup: stopped")
+        return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -119,6 +162,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .serve import serve
 
         return serve(settings, args.server)
+    with _sigterm_unwinds():
+        return _command(args, settings)
+
+
+def _command(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "cleanup":
         return _cleanup(settings, once=args.once or args.dry_run, dry_run=args.dry_run)
     if args.command == "cloud":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import logging.handlers
+import os
 import random
 import re
 import sys
@@ -15,7 +16,10 @@ from pathlib import Path
 from starlette.types import Scope
 
 access_log = logging.getLogger("mediad.access")
-_request_ids = random.Random()  # seeded from os.urandom once
+_request_ids = random.Random()  # seeded from os.urandom
+# Granian forks its workers from the supervisor, which imported this module: without a new seed
+# each worker would hand out the supervisor's sequence, the same ids in every worker.
+os.register_at_fork(after_in_child=_request_ids.seed)
 _SAFE_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"color_message"}

@@ -1,11 +1,12 @@
 """`mediad serve`: one service on one port, answered by one process or by N workers.
 
-The process started as `mediad serve` owns what there is one of: the embedded PostgreSQL, the
-bundled mock cloud, the schema migration, the start-up recovery of the data dir, the metrics
-directory. With `--workers N` (N > 1) it then binds the port and supervises N worker processes
-that share the listening socket (uvicorn's supervisor, or Granian's own); a worker that dies is
-replaced. SIGTERM or SIGINT stops the workers gracefully, then what the supervisor owns, and
-`mediad serve` exits 0.
+The process started as `mediad serve` owns what there is one of: the bundled mock cloud, the
+schema migration, the start-up recovery of the data dir, the metrics directory; it starts or joins
+the embedded PostgreSQL, which the last mediad process using it stops. With `--workers N` (N > 1)
+it then binds the port and supervises N worker processes that share the listening socket
+(uvicorn's supervisor, or Granian's own); a worker that dies is replaced. SIGTERM or SIGINT stops
+the workers gracefully, then what the supervisor owns, and `mediad serve` exits 0; during start-up
+it stops what has been started and exits 0 too.
 
 Workers skip the recovery because the supervisor holds the data dir's serve lock for as long as it
 runs (`Storage.join`): to each worker's lifespan it is a live peer, whose work in flight is never
@@ -52,7 +53,7 @@ MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 def serve(settings: Settings, server: str) -> int:
     """Run the service until SIGTERM/SIGINT; → the exit status."""
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _ignore_signal)
+        signal.signal(signum, _stop)
     _cap_malloc_arenas()
     with contextlib.ExitStack() as stack:
         url = stack.enter_context(database(settings.database_url, settings.data_dir))
@@ -66,6 +67,8 @@ def serve(settings: Settings, server: str) -> int:
         if settings.workers > 1:
             stack.enter_context(_metrics_dir())
             stack.enter_context(_recovered(settings, url))
+        if _stop_asked:
+            return 0
         log.info("listening on http://%s:%d (%s, %d worker%s)", settings.host, settings.port, server,
                  settings.workers, "s" if settings.workers > 1 else "")
         if server == "granian":
@@ -77,9 +80,23 @@ def serve(settings: Settings, server: str) -> int:
 
 # ---- the supervisor's own resources ---------------------------------------------------------------
 
-def _ignore_signal(signum: int, frame: object) -> None:
-    """uvicorn re-raises the shutdown signal after a graceful stop; with this handler restored in
-    place of the default one, that re-raise no longer kills us before the database is stopped."""
+_stop_asked = False  # a SIGTERM/SIGINT came during start-up (see _stop)
+
+
+def _stop(signum: int, frame: object) -> None:
+    """SIGTERM/SIGINT before the server installs its own handlers (while PostgreSQL starts, the
+    migration and the recovery run): unwind, so that what has been started is stopped, and exit 0
+    as a stop asked for while serving does; docker stop and systemd need not fall back to SIGKILL.
+    uvicorn restores this handler after a graceful stop and re-raises the signal it stopped for,
+    which lands here too and unwinds the same way.
+
+    The flag is for an exception Python swallows (one raised in an at-fork hook while the mock
+    cloud's Popen forks is only printed): `serve` checks it before serving. Signals after the first
+    are ignored, so that a second one cannot cut short stopping what has been started."""
+    global _stop_asked
+    if not _stop_asked:
+        _stop_asked = True
+        raise SystemExit(0)
 
 
 def _cap_malloc_arenas(count: int = 2) -> None:

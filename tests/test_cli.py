@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,6 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import mediad_process
+
+from ops.harness import descendants, free_port
 
 
 def _postgres_running(pgdata: Path) -> bool:
@@ -85,6 +89,128 @@ def test_after_kill_9_nothing_is_left_running(tmp_path: Path) -> None:
         again.process.send_signal(signal.SIGTERM)
         assert again.process.wait(30) == 0
     assert not _postgres_running(data_dir / "pg"), "the restarted mediad should adopt and stop it"
+
+
+def _stop_postmaster(pgdata: Path) -> None:
+    """Stop the server of `pgdata` if it runs: what a killed `mediad serve` leaves behind."""
+    if _postgres_running(pgdata):
+        pid = int((pgdata / "postmaster.pid").read_text().split()[0])
+        os.kill(pid, signal.SIGINT)  # PostgreSQL's fast shutdown
+        deadline = time.monotonic() + 20
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmdline:
+                found.append(f"{entry.name}: {cmdline[:200]}")
+    return found
+
+
+# What start-up is doing when the signal comes: PostgreSQL starting (its postmaster.pid is there),
+# the mock cloud starting (PostgreSQL is up), the migration running in its child process.
+_START_UP_MOMENTS = {
+    "postgres-starting": lambda data_dir, log: (data_dir / "pg" / "postmaster.pid").exists(),
+    "mock-cloud-starting": lambda data_dir, log: '"logger": "mediad.embedded"' in log,
+    "migrating": lambda data_dir, log: '"msg": "database: embedded PostgreSQL"' in log,
+}
+
+
+@pytest.mark.parametrize("moment", list(_START_UP_MOMENTS))
+def test_sigterm_during_start_up_stops_it_and_exits_0(tmp_path: Path, moment: str) -> None:
+    """docker stop or systemd during start-up: stop there, leave nothing running, exit 0 (rather
+    than come up anyway and be killed by SIGKILL once the stop timeout has passed)."""
+    data_dir = tmp_path / "var"
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDIAD_")}
+    env.update({"MEDIAD_DATA_DIR": str(data_dir), "MEDIAD_PORT": str(port), "MEDIAD_HOST": "127.0.0.1",
+                "MEDIAD_WORKERS": "1"})
+    log_path = tmp_path / "serve.log"
+    reached = _START_UP_MOMENTS[moment]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "mediad.cli", "serve"], env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not reached(data_dir, log_path.read_text(errors="replace")):
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log_path.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+            _stop_postmaster(data_dir / "pg")
+    assert "listening on" not in log_path.read_text(), "it went on to serve"
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+    assert not _processes_mentioning(str(data_dir)), "PostgreSQL or the mock cloud outlived mediad"
+    with mediad_process(data_dir, database_url=None) as running:  # and the next start is unharmed
+        assert httpx.post(running.url + "/users", json={"name": "uma"}, timeout=10).status_code == 201
+
+
+def _holder_of(connection: socket.socket, pids: list[int]) -> int | None:
+    """Which of `pids` holds the server's end of a loopback TCP connection (by its socket inode)."""
+    client_port = connection.getsockname()[1]
+    server_port = connection.getpeername()[1]
+    inode = None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = (int(address.split(":")[1], 16) for address in fields[1:3])
+        if (local, remote) == (server_port, client_port):
+            inode = fields[9]
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd) == f"socket:[{inode}]":
+                        return pid
+    return None
+
+
+def _request_id_over(connection: socket.socket) -> str:
+    """GET /health on a raw keep-alive connection (left open, so that its holder can be found)."""
+    connection.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = connection.recv(65536)
+        assert chunk, "the connection closed before an answer"
+        head += chunk
+    lines = head.split(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+    assert lines[0].split()[1] == "200", lines
+    return dict(line.lower().split(": ", 1) for line in lines[1:])["x-request-id"]
+
+
+def test_granian_workers_hand_out_distinct_request_ids(tmp_path: Path, database_url: str) -> None:
+    """Granian forks its workers from `mediad serve`: each needs a request-id sequence of its own."""
+    pytest.importorskip("granian")
+    with mediad_process(tmp_path / "data", database_url=database_url, server="granian",
+                        env={"MEDIAD_WORKERS": "2"}) as running:
+        assert running.process is not None
+        workers = descendants(running.process.pid)
+        port = int(running.url.rsplit(":", 1)[1])
+        served: dict[int | None, list[str]] = {}
+        with contextlib.ExitStack() as connections:
+            # New connections until each worker has answered a few (which one accepts is up to
+            # the kernel and Granian).
+            for _ in range(400):
+                connection = connections.enter_context(socket.create_connection(("127.0.0.1", port), 10))
+                request_id = _request_id_over(connection)
+                served.setdefault(_holder_of(connection, workers), []).append(request_id)
+                if len(served) >= 2 and all(len(ids) >= 5 for ids in served.values()):
+                    break
+    assert None not in served and len(served) == 2, {pid: len(ids) for pid, ids in served.items()}
+    found = [one for ids in served.values() for one in ids]
+    assert all(len(one) == 32 for one in found)
+    assert len(set(found)) == len(found), served
 
 
 # ---- account commands, against a running server's own database ------------------------------

@@ -109,8 +109,8 @@ def access_log(path: Path) -> list[dict[str, Any]]:
 
 
 def stop_embedded_postgres(pgdata: Path) -> None:
-    """Stop the embedded PostgreSQL a killed `mediad serve` left running (the next start joined it,
-    and a server that joined does not stop it)."""
+    """Stop the embedded PostgreSQL left running under a test's data dir, whoever started it: a
+    process that dies by kill -9 leaves it to the next one, and a test's last one may be killed too."""
     pid_file = pgdata / "postmaster.pid"
     if not pid_file.exists():
         return

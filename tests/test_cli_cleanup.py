@@ -1,0 +1,41 @@
+"""`mediad cleanup` as a worker beside the server (the Procfile's `cleanup`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def test_the_worker_passes_at_the_default_interval_when_the_servers_loop_is_off(
+        tmp_path: Path, database_url: str) -> None:
+    """MEDIAD_CLEANUP_INTERVAL_S=0 switches off the server's own loop, which is when the cleanup
+    runs as a worker of its own; with the same settings the worker must not pass every 0 s."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDIAD_")}
+    env.update({"MEDIAD_DATA_DIR": str(tmp_path / "data"), "MEDIAD_DATABASE_URL": database_url,
+                "MEDIAD_CLEANUP_INTERVAL_S": "0"})
+    out, err = tmp_path / "cleanup.out", tmp_path / "cleanup.err"
+    with open(out, "wb") as stdout, open(err, "wb") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "mediad.cli", "cleanup"], env=env, stdout=stdout,
+                                stderr=stderr)
+    try:
+        deadline = time.monotonic() + 60
+        while not out.read_bytes().count(b"\n") and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(3)  # spinning, it made hundreds of passes in this time
+        assert proc.poll() is None, err.read_text()[-3000:]
+        passes = [json.loads(line) for line in out.read_text().splitlines()]
+        assert len(passes) == 1 and passes[0]["skipped"] is None and passes[0]["missing"] == 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, err.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    logged = [json.loads(line)["msg"] for line in err.read_text().splitlines()]
+    assert "MEDIAD_CLEANUP_INTERVAL_S=0 switches off the server's loop only; a pass every 300 s" in logged
+    assert logged[-1] == "mediad cleanup: stopped"
