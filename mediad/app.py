@@ -154,16 +154,14 @@ def _lifespan(settings: Settings, url: str, metrics: Metrics) -> Lifespan:
             state.store, state.replicator = await _start_replication(stack, settings, engine, storage, metrics)
             state.thumbnails, state.prober = await _start_media(stack, engine, storage, settings)
             state.deliverer = await _start_deliveries(stack, engine, settings, state.link_key, metrics)
-            if settings.cleanup_interval_s > 0:
 
-                def cleaned(report: Report) -> None:
-                    state.last_cleanup = report
-                    if not report.dry_run:
-                        metrics.observe_cleanup(evicted_files=report.evicted_files, evicted_bytes=report.evicted_bytes,
-                                                temp_removed=report.temp_removed,
-                                                orphans_removed=report.orphans_removed)
+            def cleaned(report: Report) -> None:
+                state.last_cleanup = report
+                if not report.dry_run:
+                    metrics.observe_cleanup(evicted_files=report.evicted_files, evicted_bytes=report.evicted_bytes,
+                                            temp_removed=report.temp_removed, orphans_removed=report.orphans_removed)
 
-                _start(stack, "cleanup", cleanup_loop(engine, storage, settings, state.access, cleaned))
+            _start(stack, "cleanup", cleanup_loop(engine, storage, settings, state.access, cleaned))
             yield
 
     return lifespan

@@ -341,13 +341,15 @@ async def _release_dead_work(engine: AsyncEngine, storage: Storage) -> tuple[int
 async def cleanup_loop(engine: AsyncEngine, storage: Storage, settings: Settings, tracker: AccessTracker,
                        on_pass: Callable[[Report], None]) -> None:
     """The lifespan's loop: flush access times often, run a pass every cleanup interval, and hand
-    each pass's report to `on_pass`."""
+    each pass's report to `on_pass`. With the interval 0 it only flushes: the passes are another
+    process's (`mediad cleanup`), which evicts by the access times this one records."""
+    passes = settings.cleanup_interval_s > 0
     next_pass = time.monotonic() + min(settings.cleanup_interval_s, 5.0)
     while True:
-        await asyncio.sleep(min(10.0, settings.cleanup_interval_s))
+        await asyncio.sleep(min(10.0, settings.cleanup_interval_s) if passes else 10.0)
         try:
             await tracker.flush(engine)
-            if time.monotonic() >= next_pass:
+            if passes and time.monotonic() >= next_pass:
                 next_pass = time.monotonic() + settings.cleanup_interval_s
                 report = await sweep(engine, storage, settings)
                 if report.skipped is None:

@@ -21,7 +21,7 @@ import asyncpg
 import httpx
 import media_samples as samples
 import pytest
-from conftest import MockCloud, Server, User, cloud_settings, make_user, serve_in_thread, wait_for
+from conftest import MockCloud, Server, User, cloud_settings, make_settings, make_user, serve_in_thread, wait_for
 
 from mediad import db
 from mediad.cleanup import DiskUsage, Report, _lost_bytes, bytes_to_free, sweep
@@ -323,3 +323,22 @@ async def test_files_deleted_or_replaced_during_the_scan_are_not_reported_lost(
     assert report.missing == [lost]
     errors = [r.getMessage() for r in caplog.records if r.name == "mediad.cleanup" and r.levelno >= logging.ERROR]
     assert errors == [f"DATA LOSS: file {lost} has no local bytes and no cloud copy"]
+
+
+async def test_a_server_whose_passes_are_off_still_records_access_times(database_url: str, tmp_path: Path) -> None:
+    """MEDIAD_CLEANUP_INTERVAL_S=0 leaves the passes to a `mediad cleanup` worker, which evicts
+    the least recently used first: the server must still record what it serves as it goes."""
+    settings = make_settings(tmp_path / "data", cleanup_interval_s=0)
+    with serve_in_thread(settings, database_url) as running:
+        async with httpx.AsyncClient(base_url=running.url, timeout=30) as http:
+            user = await make_user(http)
+            file = (await http.put("/files", params={"path": "/read.bin"}, content=b"x" * 100,
+                                   headers=user.auth)).json()
+            [before] = await _sql(database_url, "SELECT accessed_at FROM files WHERE id = $1", uuid.UUID(file["id"]))
+            assert (await http.get(f"/files/{file['id']}/content", headers=user.auth)).status_code == 200
+
+            async def recorded() -> bool:
+                [row] = await _sql(database_url, "SELECT accessed_at FROM files WHERE id = $1", uuid.UUID(file["id"]))
+                return bool(row["accessed_at"] > before["accessed_at"])
+
+            await wait_for(recorded, timeout=15, what="the download's access time, while the server runs")
