@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -607,3 +608,24 @@ async def arrived(receiver: Receiver, count: int, what: str, timeout: float = 20
     async def enough() -> bool:
         return len(receiver.received) >= count
     await wait_for(enough, timeout, what)
+
+
+def postgres_running(pgdata: Path) -> bool:
+    """Whether the embedded PostgreSQL of `pgdata` runs."""
+    pid_file = pgdata / "postmaster.pid"
+    if not pid_file.exists():
+        return False
+    pid = int(pid_file.read_text().split()[0])
+    return Path(f"/proc/{pid}").exists()
+
+
+def stop_postmaster(pgdata: Path) -> None:
+    """Stop the embedded PostgreSQL of `pgdata` if it runs: what a killed or failing test may
+    leave behind."""
+    if postgres_running(pgdata):
+        pid = int((pgdata / "postmaster.pid").read_text().split()[0])
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGINT)  # PostgreSQL's fast shutdown
+        deadline = time.monotonic() + 20
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)

@@ -13,17 +13,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import mediad_process
+from conftest import mediad_process, postgres_running, stop_postmaster
 
 from ops.harness import descendants, free_port
-
-
-def _postgres_running(pgdata: Path) -> bool:
-    pid_file = pgdata / "postmaster.pid"
-    if not pid_file.exists():
-        return False
-    pid = int(pid_file.read_text().split()[0])
-    return Path(f"/proc/{pid}").exists()
 
 
 def test_serve_on_embedded_defaults_then_sigterm_exits_0(tmp_path: Path) -> None:
@@ -32,11 +24,11 @@ def test_serve_on_embedded_defaults_then_sigterm_exits_0(tmp_path: Path) -> None
         response = httpx.post(running.url + "/users", json={"name": "alice"}, timeout=10)
         assert response.status_code == 201
         assert {"id", "name", "token"} <= response.json().keys()
-        assert _postgres_running(data_dir / "pg")
+        assert postgres_running(data_dir / "pg")
         assert running.process is not None
         running.process.send_signal(signal.SIGTERM)
         assert running.process.wait(30) == 0
-    assert not _postgres_running(data_dir / "pg"), "the embedded PostgreSQL outlived mediad"
+    assert not postgres_running(data_dir / "pg"), "the embedded PostgreSQL outlived mediad"
 
 
 def test_data_survives_a_restart_on_the_embedded_database(tmp_path: Path) -> None:
@@ -83,22 +75,12 @@ def test_after_kill_9_nothing_is_left_running(tmp_path: Path) -> None:
         while any(Path(f"/proc/{pid}").exists() for pid in children) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not any(Path(f"/proc/{pid}").exists() for pid in children), "the mock cloud outlived mediad"
-    assert _postgres_running(data_dir / "pg")  # orphaned by the kill …
+    assert postgres_running(data_dir / "pg")  # orphaned by the kill …
     with mediad_process(data_dir, database_url=None) as again:
         assert again.process is not None
         again.process.send_signal(signal.SIGTERM)
         assert again.process.wait(30) == 0
-    assert not _postgres_running(data_dir / "pg"), "the restarted mediad should adopt and stop it"
-
-
-def _stop_postmaster(pgdata: Path) -> None:
-    """Stop the server of `pgdata` if it runs: what a killed `mediad serve` leaves behind."""
-    if _postgres_running(pgdata):
-        pid = int((pgdata / "postmaster.pid").read_text().split()[0])
-        os.kill(pid, signal.SIGINT)  # PostgreSQL's fast shutdown
-        deadline = time.monotonic() + 20
-        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+    assert not postgres_running(data_dir / "pg"), "the restarted mediad should adopt and stop it"
 
 
 def _processes_mentioning(text: str) -> list[str]:
@@ -148,7 +130,7 @@ def test_sigterm_during_start_up_stops_it_and_exits_0(tmp_path: Path, moment: st
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-            _stop_postmaster(data_dir / "pg")
+            stop_postmaster(data_dir / "pg")
     assert "listening on" not in log_path.read_text(), "it went on to serve"
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
@@ -275,7 +257,7 @@ def test_account_commands_against_a_running_embedded_server(tmp_path: Path) -> N
         assert _status_within(running.url, other, 200) == 200
         assert _mediad(data_dir, "tokens", "revoke", tokens[0]["id"]).returncode == 1
         assert _mediad(data_dir, "users", "disable", "nobody").returncode == 1
-    assert not _postgres_running(data_dir / "pg"), "a command left the embedded PostgreSQL running"
+    assert not postgres_running(data_dir / "pg"), "a command left the embedded PostgreSQL running"
 
 
 def test_account_commands_refuse_bad_input_and_work_without_a_server(tmp_path: Path, database_url: str) -> None:

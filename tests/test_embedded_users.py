@@ -14,31 +14,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import mediad_process
-
-
-def _postgres_running(pgdata: Path) -> bool:
-    pid_file = pgdata / "postmaster.pid"
-    if not pid_file.exists():
-        return False
-    pid = int(pid_file.read_text().split()[0])
-    return Path(f"/proc/{pid}").exists()
-
-
-def _stop_postmaster(pgdata: Path) -> None:
-    """Stop the server of `pgdata` if it runs: what a failing test may leave behind."""
-    if _postgres_running(pgdata):
-        pid = int((pgdata / "postmaster.pid").read_text().split()[0])
-        os.kill(pid, signal.SIGINT)  # PostgreSQL's fast shutdown
-        deadline = time.monotonic() + 20
-        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+from conftest import mediad_process, postgres_running, stop_postmaster
 
 
 @pytest.fixture(autouse=True)
 def _no_server_left(tmp_path: Path) -> Iterator[None]:
     yield
-    _stop_postmaster(tmp_path / "var" / "pg")
+    stop_postmaster(tmp_path / "var" / "pg")
 
 
 def _env(data_dir: Path) -> dict[str, str]:
@@ -74,7 +56,7 @@ def _migrate(data_dir: Path) -> None:
     migrated = subprocess.run([sys.executable, "-m", "mediad.cli", "migrate"], env=_env(data_dir),
                               capture_output=True, text=True, timeout=90)
     assert migrated.returncode == 0, migrated.stderr
-    assert not _postgres_running(data_dir / "pg")
+    assert not postgres_running(data_dir / "pg")
 
 
 def _database_answers(data_dir: Path) -> bool:
@@ -91,17 +73,17 @@ def test_a_cleanup_worker_that_started_the_database_leaves_it_to_the_server(tmp_
     pgdata = data_dir / "pg"
     _migrate(data_dir)
     with _cleanup_worker(data_dir) as cleanup:
-        assert _postgres_running(pgdata)  # the worker started it
+        assert postgres_running(pgdata)  # the worker started it
         with mediad_process(data_dir, database_url=None) as running:
             assert running.process is not None
             cleanup.send_signal(signum)
             assert cleanup.wait(30) == 0, (tmp_path / "cleanup.err").read_text()[-3000:]
-            assert _postgres_running(pgdata), "the cleanup worker stopped the database under the server"
+            assert postgres_running(pgdata), "the cleanup worker stopped the database under the server"
             assert httpx.get(running.url + "/health", timeout=10).status_code == 200
             assert httpx.post(running.url + "/users", json={"name": "ines"}, timeout=10).status_code == 201
             running.process.send_signal(signum)
             assert running.process.wait(30) == 0
-    assert not _postgres_running(pgdata), "the last process to leave should have stopped the database"
+    assert not postgres_running(pgdata), "the last process to leave should have stopped the database"
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -113,13 +95,13 @@ def test_a_server_that_started_the_database_leaves_it_to_the_cleanup_worker(tmp_
         with _cleanup_worker(data_dir) as cleanup:
             running.process.send_signal(signum)
             assert running.process.wait(30) == 0
-            assert _postgres_running(pgdata), "the server stopped the database under the cleanup worker"
+            assert postgres_running(pgdata), "the server stopped the database under the cleanup worker"
             assert cleanup.poll() is None
             assert _database_answers(data_dir)  # a third user joins and leaves: still running after
-            assert _postgres_running(pgdata)
+            assert postgres_running(pgdata)
             cleanup.send_signal(signum)
             assert cleanup.wait(30) == 0, (tmp_path / "cleanup.err").read_text()[-3000:]
-    assert not _postgres_running(pgdata), "the cleanup worker, the last to leave, left the database running"
+    assert not postgres_running(pgdata), "the cleanup worker, the last to leave, left the database running"
 
 
 def test_commands_coming_and_going_at_once_all_get_the_database(tmp_path: Path) -> None:
@@ -139,4 +121,4 @@ def test_commands_coming_and_going_at_once_all_get_the_database(tmp_path: Path) 
             out, err = proc.communicate(timeout=90)
             assert proc.returncode == 0, err[-3000:]
             assert out.split()[:2] == ["name", "id"]
-    assert not _postgres_running(data_dir / "pg"), "the last command left the database running"
+    assert not postgres_running(data_dir / "pg"), "the last command left the database running"

@@ -15,8 +15,7 @@ import time
 from pathlib import Path
 
 import httpx
-from conftest import free_port
-from test_cli import _postgres_running
+from conftest import free_port, postgres_running
 
 ROOT = Path(__file__).parents[1]
 
@@ -77,7 +76,7 @@ def test_the_wheel_serves_from_an_empty_directory(tmp_path: Path) -> None:
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, log.read_text()[-3000:]
-        assert not _postgres_running(empty / "var" / "pg"), "the embedded PostgreSQL outlived mediad"
+        assert not postgres_running(empty / "var" / "pg"), "the embedded PostgreSQL outlived mediad"
     finally:
         if proc.poll() is None:
             proc.kill()

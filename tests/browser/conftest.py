@@ -11,10 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -106,26 +104,6 @@ def access_log(path: Path) -> list[dict[str, Any]]:
         if entry.get("logger") == "mediad.access":
             lines.append(entry)
     return lines
-
-
-def stop_embedded_postgres(pgdata: Path) -> None:
-    """Stop the embedded PostgreSQL left running under a test's data dir, whoever started it: a
-    process that dies by kill -9 leaves it to the next one, and a test's last one may be killed too."""
-    pid_file = pgdata / "postmaster.pid"
-    if not pid_file.exists():
-        return
-    pid = int(pid_file.read_text().split()[0])
-    try:
-        os.kill(pid, signal.SIGINT)  # PostgreSQL's fast shutdown
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
 
 
 class Relay:

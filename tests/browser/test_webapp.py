@@ -19,9 +19,9 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from conftest import CLOUD_TOKEN, MockCloud, Server, mediad_process
+from conftest import CLOUD_TOKEN, MockCloud, Server, mediad_process, stop_postmaster
 
-from .conftest import Relay, access_log, sign_up, stop_embedded_postgres
+from .conftest import Relay, access_log, sign_up
 
 expect = pytest.importorskip(
     "playwright.sync_api", reason="Playwright for Python is missing: pip install -e '.[test]'").expect
@@ -399,7 +399,7 @@ def test_an_upload_resumes_after_the_server_is_killed(page: Any, tmp_path: Path,
             assert before == KILL_AT and after == len(data) - KILL_AT  # nothing sent twice
     finally:
         relay.close()
-        stop_embedded_postgres(data_dir / "pg")
+        stop_postmaster(data_dir / "pg")
 
 
 def test_the_account_lists_creates_and_revokes_tokens_and_sign_out_revokes_the_session(
