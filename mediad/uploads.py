@@ -62,7 +62,8 @@ async def commit_upload(engine: AsyncEngine, storage: Storage, replicator: Repli
                         ) -> tuple[Row[Any], bool]:
     """Turn a finished temp file into a File: into place durably, then the row (insert or replace
     at `path`). Returns the row and whether it replaced an existing file. The one path every kind
-    of upload takes; on any failure the blob is gone and no row was written."""
+    of upload takes. On a failure before COMMIT the blob is gone and no row was written; on one
+    during COMMIT the blob stays, for the File that may have been committed or for the cleanup."""
     blob_id = uuid.uuid4()
     values = {
         "id": uuid.uuid4(), "owner_id": owner_id, "name": name, "extension": extension_of(name),
@@ -75,12 +76,19 @@ async def commit_upload(engine: AsyncEngine, storage: Storage, replicator: Repli
         if is_disk_full(exc):
             raise InsufficientStorage("the server's disk is full") from exc
         raise
+    committing = False
     try:
         async with engine.begin() as conn:
             row, displaced = await file_from_upload(conn, values, also)
+            committing = True  # leaving the block sends COMMIT
     except BaseException:
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(storage.remove_blob, blob_id)
+        # Before COMMIT the row cannot exist: the blob goes. Once COMMIT is sent, a failure (the
+        # connection lost, the task cancelled) leaves the outcome unknown: the row may be there,
+        # and unlinking its blob would lose the file. An unreferenced blob is the cleanup's to
+        # remove (an orphan, after its grace or at the next start), a referenced one stays.
+        if not committing:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(storage.remove_blob, blob_id)
         raise
     if displaced is not None:
         await anyio.to_thread.run_sync(storage.remove_content, displaced)
@@ -115,7 +123,7 @@ def _declared_length(request: Request) -> int | None:
     value = request.headers.get("content-length")
     if value is None:
         return None
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):  # "²".isdigit() is true, and int("²") raises
         raise BadRequest("Content-Length is not a number")
     return int(value)
 
@@ -189,8 +197,10 @@ class _Form:
     def feed(self, chunk: bytes) -> list[bytes]:
         """Parse one chunk; → the `file` part's bytes in it."""
         try:
-            self.envelope.feed(chunk)  # first: what is over a cap never reaches the parser's buffers
-            self.parser.data_received(chunk)
+            # First: what is over a cap or malformed never reaches the parser's buffers, nor does
+            # the epilogue after the close delimiter.
+            body = self.envelope.feed(chunk)
+            self.parser.data_received(chunk if body == len(chunk) else chunk[:body])
         except LimitExceeded as exc:
             raise BadRequest(str(exc)) from None
         except ValidationError:
@@ -256,9 +266,12 @@ async def _store(request: Request, owner_id: uuid.UUID, *, multipart: bool, name
     state = request.app.state
     storage: Storage = state.storage
     max_bytes: int = state.settings.max_upload_bytes
-    # The path a replace would free: a folder path's file name is in a raw upload's query already.
-    replacing = place(path, name)[1] if path is not None and not multipart else path
-    room = await quotas.room(state.reader, owner_id, replacing)
+    if multipart:
+        # Where it goes (the path field, else ?path= and, for a folder, the part's filename) is
+        # known only once the body is read: any one of the user's files may be the one it frees.
+        room = await quotas.room_unplaced(state.reader, owner_id)
+    else:  # the path a replace would free: a folder path's file name is in the query already
+        room = await quotas.room(state.reader, owner_id, place(path, name)[1] if path is not None else None)
     _check_quota_declared(request, room, max_bytes, multipart)
     writer = BlobWriter.create(storage, max_bytes=room.cap(max_bytes))  # stops at the quota mid-stream too
     try:
@@ -285,8 +298,8 @@ async def _store(request: Request, owner_id: uuid.UUID, *, multipart: bool, name
 
 def _check_quota_declared(request: Request, room: quotas.Room, max_bytes: int, multipart: bool) -> None:
     """507 before the body when its declared length cannot fit the quota (a length over the upload
-    limit is left to the 413). A multipart body is counted without its envelope allowance; a path
-    sent in its form field is not known yet, so only a ?path= replace is credited this early."""
+    limit is left to the 413). A multipart body is counted without its envelope allowance, and with
+    the most a replace could free (`quotas.room_unplaced`)."""
     declared = _declared_length(request)
     envelope = MULTIPART_ENVELOPE if multipart else 0
     if declared is not None and declared <= max_bytes + envelope:
