@@ -40,10 +40,16 @@ class Envelope:
       20 µs a line, 250 µs a part here), so 10,000 fields or a megabyte of headers would stall
       every other request for seconds;
     - it sees whether the close delimiter came: the parser takes a body cut off before it as whole;
+    - it says where the close delimiter ends, so that the parser never sees the epilogue: fed bytes
+      after `--boundary--` in the same chunk, the parser takes the close delimiter for part data;
+    - it refuses the boundary inside a part (RFC 2046 §5.1.1: it must not occur there), which
+      is framing the parser gets wrong: depending on where chunks end, `CRLF--boundary-x` in a
+      part, or a part's content beginning with `--boundary`, ends that part early, as if closed;
     - it keeps each part's raw Content-Disposition: the parser unescapes backslashes in a quoted
       filename, where browsers send them raw (WHATWG), so `C:\\dir\\x.png` loses its separators.
 
-    Feed it each chunk before the parser, so nothing over a cap is ever buffered there.
+    Feed it each chunk before the parser, so nothing over a cap is ever buffered there, and hand
+    the parser only the bytes `feed` says are the body's.
     """
 
     def __init__(self, boundary: bytes, *, max_parts: int, max_header_bytes: int) -> None:
@@ -57,38 +63,48 @@ class Envelope:
         self._fed = 0
         # Bytes that may begin a delimiter; the first one needs no CRLF before it.
         self._carry = b"\r\n"
+        # Whether the carry begins with the CRLF that ends a part's headers: that CRLF is the
+        # headers', so the boundary right after it is inside the part, not a delimiter.
+        self._after_headers = False
         self._block: bytearray | None = None  # the headers of the part being read, while they are
 
-    def feed(self, chunk: bytes) -> None:
+    def feed(self, chunk: bytes) -> int:
+        """Follow one chunk; → how many of its bytes are the body's: all of them, or those up to
+        the end of the close delimiter (the epilogue after it is for no one, RFC 2046 §5.1.1)."""
         self._fed += len(chunk)
-        while chunk and not self.closed:
-            chunk = self._seek_delimiter(chunk) if self._block is None else self._read_headers(chunk)
+        rest = chunk
+        while rest and not self.closed:
+            rest = self._seek_delimiter(rest) if self._block is None else self._read_headers(rest)
+        return len(chunk) - len(rest)
 
     def _seek_delimiter(self, chunk: bytes) -> bytes:
         """In a part's body (or before the first part): up to the next delimiter; → what follows it."""
         data = self._carry + chunk
         size = len(self._delimiter)
-        start = 0
-        while True:
-            at = data.find(self._delimiter, start)
-            if at < 0 or at + size + 2 > len(data):  # none yet, or too close to the end to tell
-                self._carry = data[at:] if at >= 0 else data[-(size - 1):]
-                if self.parts == 0 and self._fed > self._max_header_bytes:
-                    raise LimitExceeded(f"the multipart body has no boundary in its first "
-                                        f"{self._max_header_bytes} bytes")
-                return b""
-            follows = data[at + size:at + size + 2]
-            if follows == b"--":
-                self.closed = True
-                return b""
-            if follows == b"\r\n":
-                self.parts += 1
-                if self.parts > self._max_parts:
-                    raise LimitExceeded(f"the multipart body has more than {self._max_parts} parts")
-                self._carry = b""
-                self._block = bytearray(b"\r\n")  # so that a part without headers ends at once
-                return data[at + size + 2:]
-            start = at + 1  # the boundary followed by anything else is body data, as for the parser
+        at = data.find(self._delimiter)
+        if at == 0 and self._after_headers:
+            raise ParseFailedException("a part's content begins with the boundary")
+        if at < 0 or at + size + 2 > len(data):  # none yet, or too close to the end to tell
+            self._carry = data[at:] if at >= 0 else data[-(size - 1):]
+            self._after_headers = self._after_headers and len(self._carry) == len(data)
+            if self.parts == 0 and self._fed > self._max_header_bytes:
+                raise LimitExceeded(f"the multipart body has no boundary in its first "
+                                    f"{self._max_header_bytes} bytes")
+            return b""
+        follows = data[at + size:at + size + 2]
+        if follows == b"--":
+            self.closed, self._after_headers = True, False
+            return data[at + size + 2:]
+        if follows != b"\r\n":
+            raise ParseFailedException("the boundary is followed by neither CRLF nor '--': it occurs "
+                                       "inside a part")
+        self.parts += 1
+        if self.parts > self._max_parts:
+            raise LimitExceeded(f"the multipart body has more than {self._max_parts} parts")
+        self._carry = b""
+        self._after_headers = False
+        self._block = bytearray(b"\r\n")  # so that a part without headers ends at once
+        return data[at + size + 2:]
 
     def _read_headers(self, chunk: bytes) -> bytes:
         """In a part's headers: up to the blank line that ends them; → what follows it."""
@@ -102,11 +118,13 @@ class Envelope:
                                 "in all")
         if end < 0:
             return b""
+        if block.find(self._delimiter, 0, end) >= 0:  # the boundary cannot reach past `end` (no CR in it)
+            raise ParseFailedException("the boundary occurs inside a part's headers")
         self._header_bytes += end
         for line in bytes(block[2:end]).split(b"\r\n"):
             name, colon, value = line.partition(b":")
             if colon and name.strip().lower() == b"content-disposition":
                 self.dispositions.append(value.strip().decode("latin-1"))
         self._block = None
+        self._carry, self._after_headers = b"\r\n", True
         return bytes(block[end + 4:])
-

@@ -4,7 +4,9 @@ Checked early wherever an upload's size is known (a declared length, tus Upload-
 becomes known (the stream passes the room left), and once more, exactly, in the transaction that
 commits the File: that check locks the user's row, so two uploads that each fit alone but not
 together are serialised there and the second is refused. A replace counts the difference: the
-file it replaces is left out of the usage.
+file it replaces is left out of the usage. Where that file is known only once the body has been
+read (a multipart path field), the early checks leave out the user's largest file instead, so that
+they never refuse what the exact check would allow.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ from .errors import PayloadTooLarge, QuotaExceeded
 @dataclass(frozen=True)
 class Room:
     """A user's quota and the bytes their files use, leaving out the one at the path an upload
-    would replace."""
+    would replace; or, while that path is not known, all of them and the most a replace can free."""
 
     quota: int | None
     used: int
+    freeable: int = 0  # the user's largest file, when which one the upload replaces is not known yet
 
     @classmethod
     def from_row(cls, row: Any) -> Room:
@@ -35,14 +38,19 @@ class Room:
 
     def check(self, incoming: int) -> None:
         """QuotaExceeded (507) when a file of `incoming` bytes would take usage over the quota."""
-        if self.quota is not None and self.used + incoming > self.quota:
+        after = self.used - self.freeable + incoming
+        if self.quota is not None and after > self.quota:
+            least, freed = (("at least ", f", at most {self.freeable} of them in a file it may replace")
+                            if self.freeable else ("", ""))
             raise QuotaExceeded(
-                f"the upload of {incoming} bytes would take usage to {self.used + incoming} bytes, over "
-                f"the quota of {self.quota} bytes ({self.used} bytes are in use)")
+                f"the upload of {incoming} bytes would take usage to {least}{after} bytes, over the quota "
+                f"of {self.quota} bytes ({self.used} bytes are in use{freed})")
 
     def cap(self, max_bytes: int) -> int:
         """The most bytes a streamed upload may have: the upload limit or the room left."""
-        return max_bytes if self.quota is None else max(0, min(max_bytes, self.quota - self.used))
+        if self.quota is None:
+            return max_bytes
+        return max(0, min(max_bytes, self.quota - self.used + self.freeable))
 
     def mapped(self, exc: PayloadTooLarge, max_bytes: int, received: int) -> PayloadTooLarge | QuotaExceeded:
         """A writer that stopped at `cap()`: a 507 when the quota was the smaller limit, else the 413."""
@@ -87,6 +95,22 @@ async def room(reader: AsyncEngine, user_id: uuid.UUID, replacing: str | None) -
     async with reader.connect() as conn:
         row = (await conn.execute(sa.select(*room_columns(*_given(user_id, replacing))))).one()
     return Room.from_row(row)
+
+
+async def room_unplaced(reader: AsyncEngine, user_id: uuid.UUID) -> Room:
+    """`room` for an upload whose path is known only once its body is read (multipart): it may
+    replace any one file, so the early checks leave out the largest, and never refuse what the
+    exact check at commit would let through. One statement; an unlimited user's files are not
+    looked at (as in `room_columns`)."""
+    user, nothing = _given(user_id, None)
+    quota = sa.select(users.c.quota).where(users.c.id == user).scalar_subquery()
+    largest = (sa.select(sa.func.coalesce(sa.func.max(files.c.size), 0)).where(files.c.owner_id == user)
+               .scalar_subquery())
+    query = sa.select(quota.label("quota"), sa.case((quota.is_(None), 0), else_=_usage(user, nothing)).label("used"),
+                      sa.case((quota.is_(None), 0), else_=largest).label("largest"))
+    async with reader.connect() as conn:
+        row = (await conn.execute(query)).one()
+    return Room(row.quota, int(row.used), int(row.largest))
 
 
 async def reserve(conn: AsyncConnection, user_id: uuid.UUID, size: int, path: str | None) -> None:

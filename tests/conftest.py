@@ -629,3 +629,31 @@ def stop_postmaster(pgdata: Path) -> None:
         deadline = time.monotonic() + 20
         while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
+
+
+# Send sizes that split a body every way that matters to a parser: at 1, 2, 3 bytes and on.
+CHUNK_SIZES = [1, 2, 3, 5, 8, 13, 21, 34, 55, 89]
+
+
+async def post_in_pieces(server: Server, user: User, body: bytes, size: int,
+                         content_type: str) -> httpx.Response:
+    """POST /files over a bare connection, the body in `size`-byte sends with a pause after each,
+    so that the server reads them one by one; the answer may come before the body is all sent."""
+    async with raw_connection(server) as (reader, writer):
+        writer.write(request_head("POST", "/files", {"Authorization": f"Bearer {user.token}",
+                                                     "Content-Type": content_type, "Content-Length": str(len(body))}))
+
+        async def send() -> None:
+            with contextlib.suppress(ConnectionError):
+                for start in range(0, len(body), size):
+                    writer.write(body[start:start + size])
+                    await writer.drain()
+                    await asyncio.sleep(0.001)
+
+        sending = asyncio.create_task(send())
+        try:
+            return await read_response(reader)
+        finally:
+            sending.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sending

@@ -19,6 +19,7 @@ from urllib.parse import quote, unquote
 import httpx
 import pytest
 from conftest import (
+    CHUNK_SIZES,
     Server,
     User,
     assert_problem,
@@ -26,13 +27,14 @@ from conftest import (
     http_chunk,
     make_settings,
     make_user,
+    post_in_pieces,
     raw_connection,
     read_response,
     request_head,
     serve_in_thread,
 )
 
-from mediad.formdata import Envelope, LimitExceeded
+from mediad.formdata import Envelope, LimitExceeded, ParseFailedException
 from mediad.uploads import MAX_PART_HEADER_BYTES, MAX_PARTS
 
 BOUNDARY = "hostile-boundary-5e1d"
@@ -328,21 +330,74 @@ async def test_parts_and_headers_under_the_caps_are_accepted(client: httpx.Async
     assert response.json()["name"] == long_name
 
 
+# Content that looks like the boundary without being a delimiter (RFC 2046 §5.1.1: CRLF, "--",
+# the boundary, then CRLF or "--"): no CRLF before it, or only LF, a CR alone, a shorter boundary.
+NEAR_MISSES = (f"x--{BOUNDARY}--\r\n\n--{BOUNDARY}--\r--{BOUNDARY}\r\n\r\n-{BOUNDARY}--\r\n"
+               f"--{BOUNDARY[:-1]}-x\r\n--{BOUNDARY[:-1]}\r\n").encode()
+
+# The delimiter inside a part: refused, whatever follows it. streaming-form-data took these for
+# content, or, depending on where the reads ended, for the close delimiter: "then-a-dash" read 5,
+# 21 or 55 bytes at a time was stored as its first 7, 12 or 22 bytes, with a 201.
+INSIDE_A_PART = {
+    "then-a-dash": f"abc\r\n--{BOUNDARY}-".encode() + b"abcd-" * 20,
+    "then-text": f"abc\r\n--{BOUNDARY}x and more".encode(),
+    "then-a-space": f"abc\r\n--{BOUNDARY} \r\nand more".encode(),
+    "first-in-the-content": f"--{BOUNDARY}--and more".encode(),
+}
+
+
 def test_envelope_reads_the_same_framing_whatever_the_chunks() -> None:
     body = (f"--{BOUNDARY}\r\n\r\n\r\n".encode()  # a part without headers
             + part('form-data; name="path"', b"/in/")
-            + part('form-data; name="file"; filename="C:\\x.bin"', f"\r\n--{BOUNDARY}x \r\n--".encode())
+            + part('form-data; name="file"; filename="C:\\x.bin"', NEAR_MISSES)
             + closing() + b"epilogue \r\n--" + BOUNDARY.encode() + b"\r\n")
+    close_ends = body.index(closing() + b"epilogue") + len(closing()) - 2  # its CRLF begins the epilogue
     for size in (1, 2, 3, 5, 7, 31, len(body)):
         envelope = Envelope(BOUNDARY.encode(), max_parts=3, max_header_bytes=200)
-        for start in range(0, len(body), size):
-            envelope.feed(body[start:start + size])
+        taken = [envelope.feed(body[start:start + size]) for start in range(0, len(body), size)]
+        assert sum(taken) == close_ends, size  # the parser is handed the body up to there, no more
         assert (envelope.parts, envelope.closed) == (3, True), size
         assert envelope.dispositions == ['form-data; name="path"', 'form-data; name="file"; filename="C:\\x.bin"']
     with pytest.raises(LimitExceeded, match="more than 2 parts"):
         Envelope(BOUNDARY.encode(), max_parts=2, max_header_bytes=200).feed(body)
     with pytest.raises(LimitExceeded, match="longer than 50 bytes"):
         Envelope(BOUNDARY.encode(), max_parts=3, max_header_bytes=50).feed(body)
+    in_headers = f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"\r\n--{BOUNDARY}\r\n\r\nx".encode()
+    for case, body in [*INSIDE_A_PART.items(), ("in-the-headers", in_headers)]:
+        if case != "in-the-headers":
+            body = part('form-data; name="file"; filename="a.bin"', body) + closing()
+        for size in (1, 2, 3, 5, 7, len(body)):
+            envelope = Envelope(BOUNDARY.encode(), max_parts=3, max_header_bytes=200)
+            with pytest.raises(ParseFailedException, match="boundary"):
+                for start in range(0, len(body), size):
+                    envelope.feed(body[start:start + size])
+            assert not envelope.closed, (case, size)
+
+
+async def test_content_like_the_boundary_is_kept_whatever_the_chunks(
+        client: httpx.AsyncClient, server: Server, user: User) -> None:
+    # Control for the refusals below: near misses of a delimiter are content, stored whole.
+    for size in CHUNK_SIZES:
+        body = (part('form-data; name="path"', b"/near/") + part(f'form-data; name="file"; filename="{size}.bin"',
+                                                                  NEAR_MISSES) + closing())
+        response = await post_in_pieces(server, user, body, size, MULTIPART_TYPE)
+        assert response.status_code == 201, (size, response.text)
+        stored = await client.get("/download", headers=user.auth, params={"path": f"/near/{size}.bin"})
+        assert stored.content == NEAR_MISSES, size
+
+
+@pytest.mark.parametrize("case", INSIDE_A_PART)
+async def test_the_boundary_inside_a_part_is_400_whatever_the_chunks(
+        client: httpx.AsyncClient, server: Server, user: User, case: str) -> None:
+    # RFC 2046 §5.1.1: the boundary must not occur inside a part.
+    before, blobs = await listing(client, user), server.blob_files()
+    body = (part('form-data; name="path"', b"/inside/")
+            + part('form-data; name="file"; filename="a.bin"', INSIDE_A_PART[case]) + closing())
+    for size in CHUNK_SIZES:
+        problem = assert_problem(await post_in_pieces(server, user, body, size, MULTIPART_TYPE), 400)
+        # Mostly the boundary's own refusal; one or two bytes at a time, the parser may fail first.
+        assert problem["detail"].startswith("malformed multipart/form-data: "), (size, problem)
+        await assert_nothing_left(client, server, user, before, blobs)
 
 
 async def _answer_or_nothing(reader: asyncio.StreamReader) -> httpx.Response | None:

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from conftest import (
     tus_metadata,
     upload,
 )
+from media_samples import make_wav
 
 from mediad import cli
 
@@ -206,8 +208,53 @@ async def test_a_replace_counts_the_difference(server: Server, client: httpx.Asy
     assert await usage(client, user) == {"files": 1, "bytes": 100, "quota": 100}
 
 
+def form_body(*parts: tuple[str, str | None, bytes]) -> bytes:
+    """A multipart/form-data body of (field name, filename or None, content) parts."""
+    body = b""
+    for name, filename, content in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        body += f"--{BOUNDARY}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + content + b"\r\n"
+    return body + f"--{BOUNDARY}--\r\n".encode()
+
+
+async def streamed(body: bytes) -> AsyncIterator[bytes]:
+    """A chunked request body: no declared length, so only the check as it streams applies."""
+    for start in range(0, len(body), 16 * 1024):
+        yield body[start:start + 16 * 1024]
+
+
+@pytest.mark.parametrize("declared", [True, False])
+@pytest.mark.parametrize("where", ["path-field", "path-field-after-the-file", "folder-query"])
+async def test_a_multipart_replace_counts_the_difference_wherever_its_path_is(
+        server: Server, client: httpx.AsyncClient, user: User, where: str, declared: bool) -> None:
+    KiB = 1024
+    await set_quota(server, user, 200 * KiB)
+    await upload(client, user, b"1" * 150 * KiB, path="/doc.bin")
+    await upload(client, user, b"2" * 20 * KiB, path="/other.bin")
+    # 170 KiB in use; 120 KiB replacing the 150 take usage to 140 KiB, not 290 (or 226 before the
+    # body, counting the declared length less the envelope allowance).
+    data = b"3" * 120 * KiB
+    parts = {"path-field": [("path", None, b"/doc.bin"), ("file", "doc.bin", data)],
+             "path-field-after-the-file": [("file", "doc.bin", data), ("path", None, b"/doc.bin")],
+             "folder-query": [("file", "doc.bin", data)]}[where]
+    form = {**user.auth, "content-type": f"multipart/form-data; boundary={BOUNDARY}"}
+    body = form_body(*parts)
+    response = await client.post("/files", headers=form, params={"path": "/"} if where == "folder-query" else {},
+                                 content=body if declared else streamed(body))
+    assert response.status_code == 200, response.text
+    assert (response.json()["path"], response.json()["size"]) == ("/doc.bin", 120 * KiB)
+    assert await usage(client, user) == {"files": 2, "bytes": 140 * KiB, "quota": 200 * KiB}
+    # The exact check at commit still holds: 100 KiB replacing /other.bin's 20 take usage to 220 KiB.
+    before = await state(server)
+    too_big = form_body(("path", None, b"/other.bin"), ("file", "other.bin", b"4" * 100 * KiB))
+    response = await client.post("/files", headers=form, content=too_big)
+    assert_quota_problem(response, 200 * KiB, 120 * KiB)
+    assert "would take usage to 225280 bytes" in response.json()["detail"]
+    await no_temp_files(server)
+    assert await state(server) == before
+
+
 async def test_records_count_too(server: Server, client: httpx.AsyncClient, user: User, tmp_path: Path) -> None:
-    from test_audio import make_wav
 
     await set_quota(server, user, 1000)  # far less than the MP3 of a second of sound
     wav = make_wav(tmp_path / "tone.wav", 1.0).read_bytes()

@@ -13,6 +13,7 @@ import unicodedata
 import uuid
 import zlib
 from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -20,17 +21,22 @@ import asyncpg
 import httpx
 import pytest
 from conftest import (
+    CHUNK_SIZES,
     TEST_MAX_UPLOAD,
     Server,
     User,
     assert_problem,
     eventually,
     http_chunk,
+    make_settings,
+    make_user,
+    post_in_pieces,
     raw_connection,
     read_response,
     request_head,
 )
 
+from mediad.app import create_app
 from mediad.storage import blob_relpath
 
 KiB, MiB = 1024, 1024 * 1024
@@ -180,6 +186,23 @@ async def test_multipart_closing_delimiter_without_final_crlf_is_complete(
     response = await client.post("/files", headers=form(user), content=body)
     assert response.status_code == 201, response.text
     await assert_stored(server, response.json(), data)
+
+
+# Chunk sizes for bodies sent piece by piece: where a read ends inside the framing is what matters.
+@pytest.mark.parametrize("epilogue", [b"\r\n", b"\r\n\r\n", f"\r\nnot a part\r\n--{BOUNDARY}\r\nnor this\r\n".encode()])
+async def test_multipart_epilogue_is_ignored_whatever_the_chunks(
+        client: httpx.AsyncClient, server: Server, user: User, epilogue: bytes) -> None:
+    # RFC 2046 §5.1.1: what follows the close delimiter is an epilogue, for no one. The body
+    # below ends `--boundary--` + epilogue; read in pieces, the close delimiter and the epilogue
+    # often arrive together.
+    data = payload(200, seed=5)
+    for size in CHUNK_SIZES:
+        body = multipart([("path", None, b"/epilogue/"), ("file", f"{size}.bin", data)]).removesuffix(b"\r\n")
+        response = await post_in_pieces(server, user, body + epilogue, size, MULTIPART_TYPE)
+        assert response.status_code == 201, (size, response.text)
+        assert response.json()["path"] == f"/epilogue/{size}.bin"
+        await assert_stored(server, response.json(), data)
+    assert server.stray_temp_files() == []
 
 
 async def test_multipart_path_field_may_come_after_the_file(
@@ -760,6 +783,28 @@ async def test_failed_replace_keeps_the_previous_content(client: httpx.AsyncClie
     shown = (await client.get(f"/files/{created.json()['id']}", headers=user.auth)).json()
     assert shown["sha256"] == sha(original)
     assert await blob_of(server, shown["id"]) == original
+
+
+async def test_a_content_length_of_other_digits_is_400_not_500(database_url: str, tmp_path: Path) -> None:
+    # "²".isdigit() is true, and int("²") raises. uvicorn and Granian refuse such a Content-Length
+    # themselves; an ASGI server need not, and the app is driven here as one that passes it on
+    # would (its lifespan run, its real database), the header's bytes as they came (latin-1).
+    data_dir = tmp_path / "data"
+    app = create_app(make_settings(data_dir), database_url)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://m") as http:
+        user = await make_user(http)
+        for method, target, content_type in [("PUT", "/files?path=/a.bin", "application/octet-stream"),
+                                             ("POST", "/files?name=a.bin", "application/octet-stream"),
+                                             ("POST", "/files", MULTIPART_TYPE)]:
+            for length in (b"\xb2", b"1\xb9", b"\xb3\xb3"):  # ², 1¹, ³³
+                headers = [(b"authorization", f"Bearer {user.token}".encode()),
+                           (b"content-type", content_type.encode()), (b"content-length", length)]
+                response = await http.request(method, target, headers=headers, content=b"12")
+                problem = assert_problem(response, 400)
+                assert problem["detail"] == "Content-Length is not a number", (method, target, length)
+        assert (await http.get("/files", headers=user.auth)).json()["files"] == []
+    assert list((data_dir / "tmp").iterdir()) == []
 
 
 async def test_uploads_need_a_token_and_leave_nothing_without_one(

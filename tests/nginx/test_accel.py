@@ -34,6 +34,7 @@ from conftest import (
     upload,
     wait_for,
 )
+from media_samples import make_wav
 
 from ops.harness import proc_status
 
@@ -177,7 +178,6 @@ async def test_another_users_file_is_still_404_through_nginx(stack: Stack, clien
 
 
 async def test_signed_and_record_links_through_nginx(stack: Stack, clients: Any, tmp_path: Path) -> None:
-    from test_audio import make_wav  # the one WAV generator of the suite
 
     direct, proxied = clients
     user = await make_user(direct)
