@@ -657,3 +657,17 @@ async def post_in_pieces(server: Server, user: User, body: bytes, size: int,
             sending.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sending
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Processes (other than this one) whose command line mentions `text`: what a test left running."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmdline:
+                found.append(f"{entry.name}: {cmdline[:200]}")
+    return found

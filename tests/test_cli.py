@@ -13,7 +13,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import mediad_process, postgres_running, stop_postmaster
+from conftest import (
+    mediad_process,
+    postgres_running,
+    processes_mentioning,
+    stop_postmaster,
+)
 
 from ops.harness import descendants, free_port
 
@@ -83,19 +88,6 @@ def test_after_kill_9_nothing_is_left_running(tmp_path: Path) -> None:
     assert not postgres_running(data_dir / "pg"), "the restarted mediad should adopt and stop it"
 
 
-def _processes_mentioning(text: str) -> list[str]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if text in cmdline:
-                found.append(f"{entry.name}: {cmdline[:200]}")
-    return found
-
-
 # What start-up is doing when the signal comes: PostgreSQL starting (its postmaster.pid is there),
 # the mock cloud starting (PostgreSQL is up), the migration running in its child process.
 _START_UP_MOMENTS = {
@@ -134,7 +126,7 @@ def test_sigterm_during_start_up_stops_it_and_exits_0(tmp_path: Path, moment: st
     assert "listening on" not in log_path.read_text(), "it went on to serve"
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
-    assert not _processes_mentioning(str(data_dir)), "PostgreSQL or the mock cloud outlived mediad"
+    assert not processes_mentioning(str(data_dir)), "PostgreSQL or the mock cloud outlived mediad"
     with mediad_process(data_dir, database_url=None) as running:  # and the next start is unharmed
         assert httpx.post(running.url + "/users", json={"name": "uma"}, timeout=10).status_code == 201
 

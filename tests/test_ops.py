@@ -22,6 +22,7 @@ from conftest import (
     make_settings,
     make_user,
     mediad_process,
+    processes_mentioning,
     serve_in_thread,
     wait_for,
 )
@@ -201,19 +202,6 @@ async def test_docs_page_and_its_assets_are_served_by_mediad(client: httpx.Async
 
 # ---- SIGTERM in the middle of an upload ----------------------------------------------------------
 
-def _processes_mentioning(text: str) -> list[str]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if text in cmdline:
-                found.append(f"{entry.name}: {cmdline[:200]}")
-    return found
-
-
 async def _rows(url: str) -> int:
     conn = await asyncpg.connect(url)
     try:
@@ -249,7 +237,7 @@ async def test_sigterm_during_an_upload_completes_it_or_leaves_no_trace_and_exit
         code = await asyncio.to_thread(running.process.wait, 30)
         assert code == 0, code
 
-    assert not _processes_mentioning(str(data_dir)), "PostgreSQL or the mock cloud outlived mediad"
+    assert not processes_mentioning(str(data_dir)), "PostgreSQL or the mock cloud outlived mediad"
     assert not [p for p in (data_dir / "tmp").glob("*") if p.is_file()], "a temp file was left behind"
     blobs = [p for p in (data_dir / "files").rglob("*") if p.is_file()]
     with embedded_postgres(data_dir / "pg") as url:
