@@ -12,7 +12,10 @@ from starlette.responses import JSONResponse
 
 log = logging.getLogger("mediad")
 PROBLEM_TYPE_BASE = "https://mediad.dev/problems/"
-_TITLES = {460: "Checksum Mismatch"}
+# RFC 9110's names where Python's http.HTTPStatus (before 3.13) still has RFC 2616's, so that a
+# title does not change with the Python that runs the server; 460 is tus's own.
+_TITLES = {413: "Content Too Large", 416: "Range Not Satisfiable", 422: "Unprocessable Content",
+           460: "Checksum Mismatch"}
 
 
 class MediaError(Exception):
@@ -111,9 +114,9 @@ def problem(status: int, detail: str, slug: str | None = None,
 
 def problem_body(status: int, detail: str, slug: str | None = None) -> dict[str, object]:
     """The RFC 9457 members every mediad error carries (also for the server's own answers)."""
-    phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else _TITLES.get(status, "Error")
-    return {"type": PROBLEM_TYPE_BASE + (slug or phrase.lower().replace(" ", "-")), "title": phrase,
-            "status": status, "detail": detail}
+    phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
+    return {"type": PROBLEM_TYPE_BASE + (slug or phrase.lower().replace(" ", "-")),
+            "title": _TITLES.get(status, phrase), "status": status, "detail": detail}
 
 
 def error_response(exc: MediaError) -> JSONResponse:

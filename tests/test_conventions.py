@@ -97,3 +97,18 @@ def test_cors_origins_accept_a_list_or_a_star() -> None:
     settings = load_settings({"MEDIAD_CORS_ORIGINS": "https://a.example, http://127.0.0.1:5173/"}, env_file=None)
     assert settings.cors_origin_list == ["https://a.example", "http://127.0.0.1:5173"]
     assert load_settings({"MEDIAD_CORS_ORIGINS": "*"}, env_file=None).cors_origin_list == ["*"]
+
+
+async def test_problem_titles_are_rfc_9110_names(client: httpx.AsyncClient) -> None:
+    """Whatever Python runs the server: its http.HTTPStatus said "Request Entity Too Large",
+    "Requested Range Not Satisfiable" and "Unprocessable Entity" before 3.13."""
+    user = await make_user(client)
+    file = await upload(client, user, b"0123456789", name="t.txt")
+    too_large = await client.post("/uploads", headers={**user.auth, "Tus-Resumable": "1.0.0",
+                                                       "Upload-Length": str(10**15),
+                                                       "Upload-Metadata": "filename dC50eHQ="})
+    unsatisfiable = await client.get(f"/files/{file['id']}/content", headers={**user.auth, "Range": "bytes=50-"})
+    invalid = await client.get("/files", headers=user.auth, params={"limit": "0"})
+    titles = [assert_problem(answer, status)["title"]
+              for answer, status in ((too_large, 413), (unsatisfiable, 416), (invalid, 422))]
+    assert titles == ["Content Too Large", "Range Not Satisfiable", "Unprocessable Content"]
