@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import anyio
 import sqlalchemy as sa
@@ -264,7 +264,7 @@ async def create(request: Request) -> Response:
     body_follows = media_type(request.headers.get("content-type")) == OFFSET_STREAM
     if body_follows or length == 0:
         try:
-            offset, file_id = await _patch(request, upload_id, owner_id, offset=0, checksum=checksum)
+            offset, file_id, _ = await _patch(request, upload_id, owner_id, offset=0, checksum=checksum)
         except BaseException:  # the client never learnt where the upload is: it could not resume it
             with anyio.CancelScope(shield=True), contextlib.suppress(*DATABASE_UNAVAILABLE):
                 async with state.engine.begin() as conn:
@@ -305,8 +305,9 @@ async def patch(request: Request) -> Response:
         raise BadRequest("Upload-Offset is required")
     header = request.headers.get("upload-checksum")
     checksum = parse_checksum(header) if header else None
-    new_offset, file_id = await _patch(request, upload_id, owner_id, offset=offset, checksum=checksum)
-    headers = {"Upload-Offset": str(new_offset)}
+    new_offset, file_id, expires_at = await _patch(request, upload_id, owner_id, offset=offset, checksum=checksum)
+    # The expiration extension: every PATCH answer of an upload that will expire says when.
+    headers = {"Upload-Offset": str(new_offset), "Upload-Expires": _http_date(expires_at)}
     if file_id is not None:
         headers["Mediad-File-Id"] = str(file_id)
     return Response(status_code=204, headers=headers)
@@ -377,9 +378,15 @@ class Hashes:
         return len(self._entries)
 
 
+class Appended(NamedTuple):
+    offset: int
+    file_id: uuid.UUID | None  # the File, once the upload is complete
+    expires_at: datetime
+
+
 async def _patch(request: Request, upload_id: uuid.UUID, owner_id: uuid.UUID, *, offset: int,
-                 checksum: tuple[str, bytes] | None) -> tuple[int, uuid.UUID | None]:
-    """Claim the upload, append the body at `offset`, make it durable; → (offset, File id if done)."""
+                 checksum: tuple[str, bytes] | None) -> Appended:
+    """Claim the upload, append the body at `offset`, make it durable; → where it stands now."""
     state = request.app.state
     storage: Storage = state.storage
     lease = lease_s(state.settings)
@@ -417,7 +424,7 @@ async def _patch(request: Request, upload_id: uuid.UUID, owner_id: uuid.UUID, *,
 
 
 async def _conclude(request: Request, hashes: Hashes, row: Row[Any],
-                    writer: BlobWriter) -> tuple[int, uuid.UUID | None]:
+                    writer: BlobWriter) -> Appended:
     """The appended bytes count from here: as the File if they end the upload (a body whose
     framing was cut off after its last byte included), else as the new offset; either way the
     statement that records them releases the claim."""
@@ -426,14 +433,14 @@ async def _conclude(request: Request, hashes: Hashes, row: Row[Any],
     if new_offset == row.length:
         file_id = await _complete(state.engine, state.storage, state.replicator, row, writer.sha256, state.prober)
         hashes.drop(row.id)
-        return new_offset, file_id
+        return Appended(new_offset, file_id, row.expires_at)
     async with state.reader.connect() as conn:
         recorded = await conn.execute(_RECORD_OFFSET, {"upload_id": row.id, "from_offset": row.offset,
                                                        "to_offset": new_offset})
     if recorded.rowcount != 1:  # expired and swept while this PATCH wrote
         raise NotFound("no such upload (it expired)")
     hashes.put(row.id, new_offset, writer.sha256, row.expires_at)
-    return new_offset, None
+    return Appended(new_offset, None, row.expires_at)
 
 
 async def _append(request: Request, storage: Storage, hashes: Hashes, row: Row[Any],

@@ -102,6 +102,8 @@ async def test_creation_with_upload_and_patches_complete_a_file(client: httpx.As
     assert "mediad-file-id" not in middle.headers
     last = await patch(client, user, location, 200_000, data[200_000:])
     assert last.status_code == 204 and last.headers["upload-offset"] == str(len(data))
+    # The expiration extension: every PATCH answer says when the upload expires.
+    assert middle.headers["upload-expires"] == last.headers["upload-expires"] == response.headers["upload-expires"]
     file = (await client.get(f"/files/{last.headers['mediad-file-id']}", headers=user.auth)).json()
     assert file["sha256"] == hashlib.sha256(data).hexdigest() and file["name"] == "x.bin" and file["path"] is None
 
