@@ -387,7 +387,9 @@ async def change_password(request: Request) -> Response:
 async def sign_out(request: Request) -> Response:
     """DELETE /auth/token: revoke the presented token (204), on every node within 1 s (the
     tokens table's trigger notifies the download caches); an unknown token is 401."""
-    digest = token_hash(bearer_token(request))
+    token = bearer_token(request)
+    await user_for_token(request.app.state.reader, token, request.app.state.settings)  # expired: 401 as anywhere
+    digest = token_hash(token)
     async with request.app.state.engine.begin() as conn:
         revoked = (await conn.execute(sa.delete(db.tokens).where(db.tokens.c.token_hash == digest)
                                       .returning(db.tokens.c.id, db.tokens.c.user_id))).first()

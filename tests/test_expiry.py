@@ -81,7 +81,8 @@ async def _all_refused(http: httpx.AsyncClient, user: User, file: dict[str, obje
                      await http.get(f"/files/{file['id']}/content", headers=ranged),
                      await http.head(f"/files/{file['id']}/content", headers=ranged),
                      await http.get("/download", params={"path": file["path"]}, headers=ranged),
-                     await http.get("/usage", headers=user.auth)):
+                     await http.get("/usage", headers=user.auth),
+                     await http.delete("/auth/token", headers=user.auth)):  # not even a sign-out
         assert response.status_code == 401, (response.request.url, response.status_code)
         assert response.headers["WWW-Authenticate"].startswith("Bearer")
     assert assert_problem(await http.get("/files", headers=user.auth), 401)["detail"] == "unknown or expired token"
