@@ -531,8 +531,8 @@ _FILES: dict[str, Schema] = {
                         _ref("schemas", "FolderDeletion")), **_errors(401, 404, 409, 422, 503)},
             description="Without recursive=true → 409 when the folder is not empty.",
             params=[_param("path", "query", "The folder.", _ABSOLUTE, required=True),
-                    _param("recursive", "query", "true: delete every file below the folder.",
-                           {"enum": ["true", "false"]})]),
+                    _param("recursive", "query", "true (or 1): delete every file below the folder.",
+                           {"enum": ["true", "false", "1", "0"]})]),
     },
     "/usage": {"get": _op("The caller's file count and bytes", {
         "200": _ok("Usage.", _ref("schemas", "Usage")), **_errors(401, 503)})},
@@ -616,7 +616,7 @@ _UPLOADS: dict[str, Schema] = {
                 "Upload-Offset": "When a first chunk came with the request.",
                 "Mediad-File-Id": "When that chunk completed the upload.", **_TUS_HEADERS},
                 links=_FILE_HEADER_LINKS),
-             **_errors(400, 401, 412, 413, 415, 422, 460, 503, 507)},
+             **_errors(400, 401, 412, 413, 422, 460, 503, 507)},
             params=[_TUS_RESUMABLE,
                     _param("Upload-Length", "header", "Total bytes.", _COUNT, required=True),
                     _param("Upload-Metadata", "header", "`filename <base64>` (required), `path <base64>` "
