@@ -7,12 +7,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from starlette.datastructures import Headers
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .config import Settings
+from .errors import problem
 
 _JSON = b"application/json"
 _JSON_UTF8 = b"application/json; charset=utf-8"
@@ -64,13 +67,27 @@ _EXPOSED = ["Location", "Upload-Offset", "Upload-Length", "Upload-Expires", "Upl
             "Retry-After", "X-Request-Id"]
 
 
+class _ProblemCORS(CORSMiddleware):
+    """Starlette's, but a refused preflight is problem+json like every other error (Starlette
+    answers it in plain text)."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        refused = bytes(response.body).decode().removeprefix("Disallowed CORS ")  # "origin, headers"…
+        return problem(400, f"this cross-origin request is not allowed, by its {refused}: see "
+                            "MEDIAD_CORS_ORIGINS and the request headers mediad accepts", "cors-refused",
+                       {k: v for k, v in response.headers.items() if k.lower().startswith("access-control-")})
+
+
 def cors(settings: Settings) -> list[Middleware]:
     """MEDIAD_CORS_ORIGINS as Starlette's CORSMiddleware; unset → none (same-origin only).
     Bearer tokens travel in a header, never a cookie, so credentials stay off."""
     origins = settings.cors_origin_list
     if not origins:
         return []
-    return [Middleware(CORSMiddleware, allow_origins=origins, allow_credentials=False,
+    return [Middleware(_ProblemCORS, allow_origins=origins, allow_credentials=False,
                        allow_methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
                        allow_headers=["Authorization", "Content-Disposition", "Range", "If-Match",
                                       "If-None-Match", "If-Modified-Since", "If-Unmodified-Since",

@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Server, free_port, mediad_process
+from conftest import Server, assert_problem, free_port, mediad_process
 
 from .conftest import watched_page
 from .test_tus_js_client import MAKE_FILE, TUS_JS_CLIENT, pattern
@@ -128,3 +128,14 @@ def test_an_unlisted_origin_is_refused_by_the_browser(browser: Any, cors_server:
         answer = http.get("/usage", headers={"Origin": refused})
     assert answer.status_code == 200 and "access-control-allow-origin" not in answer.headers
 
+
+
+def test_a_refused_preflight_is_a_problem(cors_server: Server, origins: tuple[str, str]) -> None:
+    allowed, refused = origins
+    with httpx.Client(base_url=cors_server.url) as http:
+        by_origin = http.options("/uploads", headers={"Origin": refused, "Access-Control-Request-Method": "PATCH"})
+        by_header = http.options("/uploads", headers={"Origin": allowed, "Access-Control-Request-Method": "PATCH",
+                                                      "Access-Control-Request-Headers": "x-not-accepted"})
+    prefix = "this cross-origin request is not allowed, by its"
+    assert assert_problem(by_origin, 400)["detail"].startswith(f"{prefix} origin:")
+    assert assert_problem(by_header, 400)["detail"].startswith(f"{prefix} headers:")
