@@ -77,7 +77,7 @@ def _cleanup(settings: Settings, *, once: bool, dry_run: bool) -> int:
     import asyncio
     import json
 
-    from . import db
+    from . import db, migrate
     from .cleanup import sweep
     from .storage import Storage
 
@@ -106,6 +106,10 @@ def _cleanup(settings: Settings, *, once: bool, dry_run: bool) -> int:
 
     try:
         with database(settings.database_url, settings.data_dir) as url:
+            if not once and not dry_run:
+                # A worker may start before the server has migrated a new data dir or a new release
+                # (the Procfile starts both at once); migrations take turns (an advisory lock).
+                migrate.upgrade(url)
             return asyncio.run(run(url))
     except (_Terminated, KeyboardInterrupt):
         if once:

@@ -6,7 +6,7 @@ import asyncio
 from logging.config import fileConfig
 
 from alembic import context
-from sqlalchemy import pool
+from sqlalchemy import pool, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -37,6 +37,9 @@ def run_migrations_offline() -> None:
 def _run(connection: Connection) -> None:
     context.configure(connection=connection, target_metadata=target_metadata, compare_type=True)
     with context.begin_transaction():
+        # One migration at a time (a server and a cleanup worker may start together, or two nodes):
+        # the second waits here, then finds the schema at head. Held until the transaction ends.
+        connection.execute(text("SELECT pg_advisory_xact_lock(hashtext('mediad migrations'))"))
         context.run_migrations()
 
 

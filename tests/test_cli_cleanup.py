@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from conftest import fresh_database
+
 
 def test_the_worker_passes_at_the_default_interval_when_the_servers_loop_is_off(
         tmp_path: Path, database_url: str) -> None:
@@ -39,3 +41,28 @@ def test_the_worker_passes_at_the_default_interval_when_the_servers_loop_is_off(
     logged = [json.loads(line)["msg"] for line in err.read_text().splitlines()]
     assert "MEDIAD_CLEANUP_INTERVAL_S=0 switches off the server's loop only; a pass every 300 s" in logged
     assert logged[-1] == "mediad cleanup: stopped"
+
+
+def test_a_worker_started_before_the_server_migrates_and_passes(tmp_path: Path, pg_server_url: str) -> None:
+    """Under the Procfile the cleanup worker may come up before `mediad serve` has migrated a new
+    database; it must not die on a missing table (honcho then stops every process)."""
+    with fresh_database(pg_server_url) as url:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MEDIAD_")}
+        env.update({"MEDIAD_DATA_DIR": str(tmp_path / "data"), "MEDIAD_DATABASE_URL": url})
+        out, err = tmp_path / "cleanup.out", tmp_path / "cleanup.err"
+        with open(out, "wb") as stdout, open(err, "wb") as stderr:
+            proc = subprocess.Popen([sys.executable, "-m", "mediad.cli", "cleanup"], env=env, stdout=stdout,
+                                    stderr=stderr)
+        try:
+            deadline = time.monotonic() + 60
+            while not out.read_bytes().count(b"\n") and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.05)
+            assert proc.poll() is None, err.read_text()[-3000:]
+            [first] = [json.loads(line) for line in out.read_text().splitlines()]
+            assert (first["skipped"], first["missing"]) == (None, 0)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0, err.read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

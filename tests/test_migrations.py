@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
@@ -41,3 +44,16 @@ def test_upgrade_downgrade_upgrade_and_no_drift(pg_server_url: str) -> None:
         tables, diff = asyncio.run(_tables_and_diff(url))
         assert {"users", "tokens", "files"} <= tables
         assert diff == []
+
+
+def test_migrations_started_together_take_turns(pg_server_url: str) -> None:
+    """A server and a cleanup worker (or two nodes) may migrate a new database at the same moment."""
+    with fresh_database(pg_server_url) as url:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MEDIAD_")}
+        env["MEDIAD_DATABASE_URL"] = url
+        runs = [subprocess.Popen([sys.executable, "-m", "mediad.cli", "migrate"], env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(3)]
+        results = [(run.wait(60), run.stderr.read().decode()[-2000:] if run.stderr else "") for run in runs]
+        assert [code for code, _ in results] == [0, 0, 0], results
+        tables, diff = asyncio.run(_tables_and_diff(url))
+        assert "files" in tables and diff == []
