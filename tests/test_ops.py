@@ -296,6 +296,14 @@ def test_compose_file_names_services_volumes_health_checks_and_dependencies() ->
     procfile = dict(line.split(":", 1) for line in lines if line.strip())
     assert {"web", "cloud", "cleanup"} <= procfile.keys()
     assert "mock-cloud" in procfile["cloud"] and "serve" in procfile["web"]
+    # web and cloud share one token, or every push is refused with 401: a missing one stops both.
+    for name in ("web", "cloud"):
+        assert "MEDIAD_CLOUD_TOKEN=${MEDIAD_CLOUD_TOKEN:?" in procfile[name], name
+    for name, line in procfile.items():
+        unset = subprocess.run(["sh", "-c", line.replace("mediad ", "true ")], capture_output=True, text=True,
+                               env={k: v for k, v in os.environ.items() if k != "MEDIAD_CLOUD_TOKEN"})
+        assert (unset.returncode != 0) == (name in ("web", "cloud")), (name, unset.stderr)
+        assert name == "cleanup" or "set MEDIAD_CLOUD_TOKEN in .env" in unset.stderr
 
 
 def _compose_command() -> list[str] | None:
