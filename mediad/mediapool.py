@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import traceback
 from typing import Any
@@ -158,7 +159,6 @@ def _answer(job: dict[str, Any]) -> dict[str, Any]:
 def _die_with_parent(parent: int) -> None:
     """SIGKILL this worker when the server that started it dies, even mid-job (Linux)."""
     import ctypes
-    import signal
 
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -170,6 +170,9 @@ def main() -> None:
     import resource
 
     _die_with_parent(int(sys.argv[2]))
+    # A terminal's Ctrl-C goes to the whole process group: the server stops its workers itself, and
+    # each would otherwise print a KeyboardInterrupt traceback on the way out.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     # Replies go to a private copy of stdout; fd 1 becomes stderr, so no library that prints can
     # corrupt the protocol.

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ import pytest
 from conftest import (
     User,
     assert_problem,
+    free_port,
     make_settings,
     make_user,
     mediad_process,
@@ -294,3 +298,37 @@ async def test_workers_die_with_a_killed_server(database_url: str, tmp_path: Pat
                 break
             await asyncio.sleep(0.05)
         assert not _alive(workers)
+
+
+def _serve_in_its_own_group(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as out:  # a process group of its own, as a terminal gives a command
+        return subprocess.Popen([sys.executable, "-m", "mediad.cli", "serve"], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+async def test_ctrl_c_stops_the_server_and_its_media_workers_quietly(tmp_path: Path, database_url: str) -> None:
+    """A terminal's Ctrl-C reaches the whole process group, media workers included: the server
+    stops them itself, and none may print a KeyboardInterrupt traceback on the way out."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDIAD_")}
+    env.update({"MEDIAD_DATA_DIR": str(tmp_path / "data"), "MEDIAD_DATABASE_URL": database_url,
+                "MEDIAD_PORT": str(port), "MEDIAD_WORKERS": "1", "MEDIAD_MEDIA_WORKERS": "2"})
+    log = tmp_path / "serve.log"
+    proc = _serve_in_its_own_group(env, log)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            for _ in range(600):
+                with contextlib.suppress(httpx.TransportError):
+                    if (await http.get("/health")).status_code == 200:
+                        break
+                await asyncio.sleep(0.1)
+            user = await make_user(http)
+            await probed(http, user, (await upload(http, user, samples.png_alpha(), name="p.png"))["id"])
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(30) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = log.read_text()
+    assert "KeyboardInterrupt" not in text and "Traceback" not in text, text[-3000:]
