@@ -34,8 +34,10 @@ class Conventions:
             return
         path = scope["path"]
         if len(path) > 1 and path.endswith("/"):
-            # In place, so the telemetry around us sees the route the router matches.
+            # In place, so the telemetry around us sees the route the router matches; noted, for a
+            # page whose relative links depend on it (/docs).
             scope["path"] = path.rstrip("/") or "/"
+            scope["mediad.trailing_slash"] = True
             if scope.get("raw_path"):
                 scope["raw_path"] = scope["raw_path"].rstrip(b"/") or b"/"
 

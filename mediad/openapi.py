@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import FileResponse, Response
+from starlette.responses import FileResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -784,6 +784,8 @@ async def openapi_json(request: Request) -> Response:
 
 
 async def docs_page(request: Request) -> Response:
+    if request.scope.get("mediad.trailing_slash"):  # its relative links would resolve under /docs/
+        return RedirectResponse("../docs", status_code=301)
     return FileResponse(_DOCS_DIR / "index.html", media_type="text/html; charset=utf-8")
 
 

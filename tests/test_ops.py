@@ -185,6 +185,8 @@ async def test_openapi_document_validates_and_covers_every_route(client: httpx.A
 
 
 async def test_docs_page_and_its_assets_are_served_by_mediad(client: httpx.AsyncClient) -> None:
+    slashed = await client.get("/docs/")  # its relative links would resolve under /docs/docs/
+    assert (slashed.status_code, slashed.headers["location"]) == (301, "../docs")
     page = await client.get("/docs")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     links = re.findall(r'(?:src|href)="([^"]+)"', page.text)
