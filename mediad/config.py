@@ -251,7 +251,14 @@ def _check(settings: Settings) -> None:
                           "MEDIAD_WEBHOOK_RETRY_S greater than 0")
 
 
+MIN_SECRET_KEY_CHARS = 16
+
+
 def _check_accounts(settings: Settings) -> None:
+    if settings.secret_key is not None and len(settings.secret_key) < MIN_SECRET_KEY_CHARS:
+        # Checked here, not when the key is first used: that is in every worker, after start-up.
+        raise ConfigError(f"MEDIAD_SECRET_KEY is too short: use at least {MIN_SECRET_KEY_CHARS} random "
+                          "characters (32 or more recommended)")
     if settings.signup not in (None, "open", "closed"):
         raise ConfigError(f"MEDIAD_SIGNUP={settings.signup!r} is invalid: expected open or closed")
     for name in ("signin_window_s", "signin_block_s", "token_ttl_s", "token_idle_s"):

@@ -32,6 +32,7 @@ def test_environment_wins_over_env_file(tmp_path: Path) -> None:
     ("MEDIAD_DISK_HIGH_WATER", "1.5"), ("MEDIAD_FSYNC", "maybe"), ("MEDIAD_DATABASE_URL", "mysql://x"),
     ("MEDIAD_CLOUD_CONCURRENCY", "0"), ("MEDIAD_CLEANUP_INTERVAL_S", "-1"), ("MEDIAD_BODY_TIMEOUT_S", "0"),
     ("MEDIAD_MAX_HEADER_BYTES", "0"), ("MEDIAD_ACCEL_REDIRECT", "_mediad"), ("MEDIAD_ACCEL_REDIRECT", "/_mediad"),
+    ("MEDIAD_SECRET_KEY", "short"),
 ])
 def test_invalid_values_name_the_variable(variable: str, value: str) -> None:
     with pytest.raises(ConfigError, match=variable):
