@@ -338,7 +338,11 @@ async def test_uploads_in_flight_forget_a_killed_worker(nodes: NodeFactory, faul
     writer.write(request_head("PUT", "/files?path=/half.bin", {**user.auth, "Content-Length": str(MiB)}))
     writer.write(os.urandom(MiB // 2))
     await writer.drain()
-    uploader = answering_worker(workers, writer.get_extra_info("sockname")[1])
+    # The bytes wait in the kernel's buffers until a worker accepts the connection, maybe later.
+    client_port = writer.get_extra_info("sockname")[1]
+    await wait_until(lambda: answering_worker(workers, client_port) is not None, 10,
+                     "a worker to accept the upload's connection")
+    uploader = answering_worker(workers, client_port)
     assert uploader in workers
 
     async def in_flight() -> float:
