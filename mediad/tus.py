@@ -97,6 +97,12 @@ def parse_checksum(header: str) -> tuple[str, bytes]:
         raise BadRequest("Upload-Checksum's digest is not base64") from None
 
 
+def _checksum_of(request: Request) -> tuple[str, bytes] | None:
+    """The chunk's Upload-Checksum, if it has one (a POST with a first chunk, or a PATCH)."""
+    header = request.headers.get("upload-checksum")
+    return parse_checksum(header) if header else None
+
+
 def _int_header(request: Request, name: str) -> int | None:
     value = request.headers.get(name)
     if value is None:
@@ -244,8 +250,7 @@ async def create(request: Request) -> Response:
         raise BadRequest("Upload-Metadata must carry a filename")
     path = clean_path(metadata["path"]) if metadata.get("path") else None
     name, path = place(path, metadata["filename"])
-    header = request.headers.get("upload-checksum")
-    checksum = parse_checksum(header) if header else None
+    checksum = _checksum_of(request)
     state.storage.check_reserve(length)
     (await quotas.room(state.reader, owner_id, path)).check(length)
 
@@ -303,8 +308,7 @@ async def patch(request: Request) -> Response:
     offset = _int_header(request, "upload-offset")
     if offset is None:
         raise BadRequest("Upload-Offset is required")
-    header = request.headers.get("upload-checksum")
-    checksum = parse_checksum(header) if header else None
+    checksum = _checksum_of(request)
     new_offset, file_id, expires_at = await _patch(request, upload_id, owner_id, offset=offset, checksum=checksum)
     # The expiration extension: every PATCH answer of an upload that will expire says when.
     headers = {"Upload-Offset": str(new_offset), "Upload-Expires": _http_date(expires_at)}
